@@ -1,0 +1,237 @@
+"""ResConv2d and its fusion math (DESIGN.md §3).
+
+A ResConv2d computes ``y = act(s · BN(W ∗ x) + P(x))`` where ``s`` is one trainable scalar
+(the *layer scale*) and ``P`` is the parameter-free shortcut: the identity when the shape is
+kept, otherwise "option A" (strided subsampling and zero channel padding). Every piece is
+linear except ``act``, so the block fuses into one convolution::
+
+    W' = s·t·W + D,   b' = s·(β + (c − μ)·t),   t = γ / sqrt(σ² + ε)
+
+with ``c`` the conv bias (0 when absent) and ``D`` the (strided, channel-shifted) Dirac
+kernel of ``P``.
+
+Example:
+    >>> import torch, resprune as rp
+    >>> m = rp.ResConv2d(16, 32, 3, stride=2).eval()
+    >>> x = torch.rand(2, 16, 8, 8)
+    >>> conv = m.fuse()
+    >>> torch.allclose(torch.relu(conv(x)), m(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ResConv2d", "ConvBN2d", "OptionAShortcut", "channel_offset", "dirac_kernel"]
+
+
+def channel_offset(in_channels: int, out_channels: int) -> int:
+    """Output channel ``o`` of an option-A shortcut reads input channel ``o - offset``.
+
+    The padding (or cropping) is split evenly between both ends, as in the CIFAR ResNets of
+    He et al. (16 → 32 channels puts the input in channels 8..23).
+    """
+    return (out_channels - in_channels) // 2
+
+
+def option_a(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
+    """Strided subsampling plus zero channel padding (or symmetric cropping)."""
+    if stride > 1:
+        x = x[:, :, ::stride, ::stride]
+    c_in = x.shape[1]
+    if c_in == out_channels:
+        return x
+    off = channel_offset(c_in, out_channels)
+    if off >= 0:
+        return F.pad(x, (0, 0, 0, 0, off, out_channels - c_in - off))
+    return x[:, -off : -off + out_channels]
+
+
+class OptionAShortcut(nn.Module):
+    """The parameter-free option-A shortcut as a module (used for block shortcuts)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return option_a(x, self.out_channels, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+def dirac_kernel(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The k×k kernel that computes the option-A shortcut (identity when shapes agree).
+
+    With padding ``k // 2`` and the conv's stride, the centre tap reads input pixel
+    ``(i·stride, j·stride)``, which is exactly the strided subsampling ``x[..., ::s, ::s]``.
+    """
+    d = torch.zeros(out_channels, in_channels, kernel_size, kernel_size, dtype=dtype, device=device)
+    off = channel_offset(in_channels, out_channels)
+    c = kernel_size // 2
+    for o in range(out_channels):
+        i = o - off
+        if 0 <= i < in_channels:
+            d[o, i, c, c] = 1.0
+    return d
+
+
+def _bn_factors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (t, shift) with BN(z) = t·z + shift in eval mode."""
+    var, mean = bn.running_var, bn.running_mean
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(var)
+    t = gamma / torch.sqrt(var + bn.eps)
+    return t, beta - mean * t
+
+
+def _check_conv_args(kernel_size: int, stride: int) -> None:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1 (1, 3, 5, ...), got {kernel_size}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+
+
+class ConvBN2d(nn.Module):
+    """Conv → BN (→ ReLU) without scale or shortcut: the baseline nets' layer.
+
+    It fuses like a ResConv2d (BN folded into the conv), so baseline and ResConv nets share
+    one code path for fusion, profiling and export.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        act: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_conv_args(kernel_size, stride)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=bias
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return F.relu(y) if self.act else y
+
+    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable (kernel, bias) of the eval-mode conv+BN."""
+        t, shift = _bn_factors(self.bn)
+        w = self.conv.weight * t.reshape(-1, 1, 1, 1)
+        c = self.conv.bias if self.conv.bias is not None else 0.0
+        return w, shift + c * t
+
+    def fuse(self) -> nn.Conv2d:
+        """One nn.Conv2d equal to the eval-mode conv+BN (the activation is not included)."""
+        return _make_conv(self.conv, *self.equivalent_kernel_bias())
+
+
+class ResConv2d(nn.Module):
+    """A convolution with its own shortcut and a trainable layer scale.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: odd kernel size (1, 3, ...); padding is ``kernel_size // 2``.
+        stride: convolution stride; the shortcut subsamples with the same stride.
+        act: apply ReLU after the sum (``True``) or not.
+        shortcut: ``True`` adds ``P(x)``. ``False`` makes this a *branch gate*: no shortcut of
+            its own, the scale gates the residual branch of the enclosing block, whose own
+            shortcut is added by the block (DESIGN.md §3, second conv of a basic block).
+        bias: whether the inner conv has a bias (converted VGG convs do).
+
+    Example:
+        >>> m = ResConv2d(16, 16)
+        >>> m.removable, m.scale.shape
+        (True, torch.Size([]))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        act: bool = True,
+        shortcut: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_conv_args(kernel_size, stride)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=bias
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.act = act
+        self.shortcut = shortcut
+
+    @property
+    def identity_shortcut(self) -> bool:
+        """True when ``P`` is the identity (stride 1 and C_in = C_out)."""
+        return self.conv.stride[0] == 1 and self.conv.in_channels == self.conv.out_channels
+
+    @property
+    def removable(self) -> bool:
+        """Whether a zero scale lets the layer be removed exactly.
+
+        Identity-shortcut layers become ``act(x) = x`` (inputs are post-ReLU, ``x ≥ 0``);
+        branch gates remove their block's residual branch. Shape-changing layers are only
+        ever fused.
+        """
+        return (not self.shortcut) or self.identity_shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.scale * self.bn(self.conv(x))
+        if self.shortcut:
+            y = y + option_a(x, self.conv.out_channels, self.conv.stride[0])
+        return F.relu(y) if self.act else y
+
+    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable (kernel, bias) of one conv equal to the eval-mode block before act."""
+        t, shift = _bn_factors(self.bn)
+        w = self.conv.weight
+        w_eq = self.scale * t.reshape(-1, 1, 1, 1) * w
+        c = self.conv.bias if self.conv.bias is not None else 0.0
+        b_eq = self.scale * (shift + c * t)
+        if self.shortcut:
+            w_eq = w_eq + dirac_kernel(
+                self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size[0],
+                dtype=w.dtype, device=w.device,
+            )
+        return w_eq, b_eq
+
+    def fuse(self) -> nn.Conv2d:
+        """One nn.Conv2d equal to the eval-mode block without its activation."""
+        return _make_conv(self.conv, *self.equivalent_kernel_bias())
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, shortcut={self.shortcut}"
+
+
+def _make_conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    conv = nn.Conv2d(
+        like.in_channels, like.out_channels, like.kernel_size, like.stride, like.padding,
+        dilation=like.dilation, groups=like.groups, bias=True,
+        device=weight.device, dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight.detach())
+        conv.bias.copy_(bias.detach())
+    return conv

@@ -1,0 +1,149 @@
+"""CIFAR ResNets (He et al. 2016, option-A shortcuts) and plain ResConv chains.
+
+``resnet{20,32,44,56,110,1202}``: a 3×3 stem (16 channels), three stages of ``n`` basic
+blocks with 16/32/64 channels (``depth = 6n + 2``), global average pooling, a linear head.
+With ``resconv=True`` (the default) each block is built as in DESIGN.md §3::
+
+    h = ReLU(s₁·BN₁(W₁∗x) + P(x))        conv1: ResConv2d with its own shortcut
+    y = ReLU(s₂·BN₂(W₂∗h) + S(x))        conv2: ResConv2d branch gate (no own shortcut)
+
+With ``resconv=False`` the same net is built from plain conv+BN layers: the baseline that
+counts exactly as the published tables (ResNet-56: 125.49 M MACs, 0.85 M params).
+
+``plainres{20,32,44,56,110}``: the same depth without block shortcuts; every conv after the
+stem is a ResConv2d (``resconv=False`` gives the classic plain net that degrades with depth).
+
+The stem stays a plain conv+BN+ReLU in both variants: its input is the normalised image,
+not a post-ReLU activation, so a shortcut there could never be removed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import ConvBN2d, OptionAShortcut, ResConv2d
+from .registry import register_model
+
+__all__ = ["BasicBlock", "CifarResNet", "PlainResNet"]
+
+STAGE_CHANNELS = (16, 32, 64)
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    return OptionAShortcut(in_ch, out_ch, stride)
+
+
+class BasicBlock(nn.Module):
+    """``y = ReLU(conv2(conv1(x)) + S(x))``; conv1 may be removed (→ Identity) and the whole
+    residual branch may be removed (the block becomes ``S``) by :func:`resprune.prune_`."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, resconv: bool = True) -> None:
+        super().__init__()
+        if resconv:
+            self.conv1: nn.Module = ResConv2d(in_ch, out_ch, 3, stride, act=True)
+            self.conv2: nn.Module = ResConv2d(out_ch, out_ch, 3, 1, act=False, shortcut=False)
+        else:
+            self.conv1 = ConvBN2d(in_ch, out_ch, 3, stride, act=True)
+            self.conv2 = ConvBN2d(out_ch, out_ch, 3, 1, act=False)
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+    def without_branch(self) -> nn.Module | None:
+        """What the block computes once its branch is gone: ``S`` (None when identity)."""
+        return None if isinstance(self.shortcut, nn.Identity) else self.shortcut
+
+
+class _Head(nn.Module):
+    def __init__(self, in_ch: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _CifarNet(nn.Module):
+    """Shared skeleton: ``stem → layer1 → layer2 → layer3 → head``."""
+
+    def __init__(self, stages: list[nn.Sequential], num_classes: int, in_chans: int) -> None:
+        super().__init__()
+        self.stem = ConvBN2d(in_chans, STAGE_CHANNELS[0], 3, 1, act=True)
+        self.layer1, self.layer2, self.layer3 = stages
+        self.head = _Head(STAGE_CHANNELS[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    def layer_sequence(self) -> list[tuple[str, nn.Module]]:
+        """The model as a flat list of (name, module) run one after the other.
+
+        This is what layer-parallel engines partition: the stem, every block (or layer) of
+        every stage in order, and the head.
+        """
+        seq: list[tuple[str, nn.Module]] = [("stem", self.stem)]
+        for sname in ("layer1", "layer2", "layer3"):
+            seq += [(f"{sname}.{k}", m) for k, m in getattr(self, sname).named_children()]
+        seq.append(("head", self.head))
+        return seq
+
+
+class CifarResNet(_CifarNet):
+    def __init__(self, depth: int, num_classes: int = 10, resconv: bool = True, in_chans: int = 3):
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        stages, in_ch = [], STAGE_CHANNELS[0]
+        for i, ch in enumerate(STAGE_CHANNELS):
+            blocks = []
+            for b in range(n):
+                stride = 2 if (i > 0 and b == 0) else 1
+                blocks.append(BasicBlock(in_ch, ch, stride, resconv))
+                in_ch = ch
+            stages.append(nn.Sequential(*blocks))
+        super().__init__(stages, num_classes, in_chans)
+
+
+class PlainResNet(_CifarNet):
+    def __init__(self, depth: int, num_classes: int = 10, resconv: bool = True, in_chans: int = 3):
+        if (depth - 2) % 6:
+            raise ValueError(f"plain CIFAR net depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        stages, in_ch = [], STAGE_CHANNELS[0]
+        for i, ch in enumerate(STAGE_CHANNELS):
+            layers: list[nn.Module] = []
+            for b in range(2 * n):
+                stride = 2 if (i > 0 and b == 0) else 1
+                layers.append(ResConv2d(in_ch, ch, 3, stride) if resconv else ConvBN2d(in_ch, ch, 3, stride))
+                in_ch = ch
+            stages.append(nn.Sequential(*layers))
+        super().__init__(stages, num_classes, in_chans)
+
+
+def _resnet(depth: int):
+    def factory(num_classes: int = 10, resconv: bool = True, in_chans: int = 3) -> nn.Module:
+        return CifarResNet(depth, num_classes, resconv, in_chans)
+
+    factory.__name__ = f"resnet{depth}"
+    factory.__doc__ = f"CIFAR ResNet-{depth} (option A); ``resconv=False`` gives the baseline."
+    return register_model(factory)
+
+
+def _plainres(depth: int):
+    def factory(num_classes: int = 10, resconv: bool = True, in_chans: int = 3) -> nn.Module:
+        return PlainResNet(depth, num_classes, resconv, in_chans)
+
+    factory.__name__ = f"plainres{depth}"
+    factory.__doc__ = f"Plain {depth}-layer CIFAR net, every conv after the stem a ResConv2d."
+    return register_model(factory)
+
+
+for _d in (20, 32, 44, 56, 110, 1202):
+    _resnet(_d)
+for _d in (20, 32, 44, 56, 110):
+    _plainres(_d)

@@ -1,0 +1,145 @@
+"""``convert_``: turn every eligible Conv2d → BatchNorm2d pair of any CNN into a ResConv2d.
+
+The pairs are found on a ``torch.fx`` trace: a conv node whose only user is a BatchNorm2d
+node. The conv module is replaced by a :class:`~resprune.layers.ResConv2d` that carries the
+conv and BN weights, and the BN module by ``nn.Identity``. The ResConv is built with
+``act=False``: a ReLU that followed the BN in the original graph still follows it, so the
+ReLU is neither duplicated nor lost, and at ``s = 0`` the layer computes ``P(x)`` exactly.
+
+Conversion adds a shortcut, so it changes what the network computes: it is meant to be
+followed by (sparse) training. Convs that cannot be converted are logged at WARNING level
+and returned by :func:`conversion_plan` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import nn
+
+from ..layers import ResConv2d
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ConversionPlan", "conversion_plan", "convert_", "find_conv_bn_pairs"]
+
+
+@dataclass
+class ConversionPlan:
+    """Which convs would be converted (``pairs``: conv name → BN name) and which not, why."""
+
+    pairs: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _conv_ineligible(conv: nn.Conv2d) -> str | None:
+    k = conv.kernel_size
+    pad = conv.padding
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only groups=1 has a Dirac shortcut kernel here)"
+    if k[0] != k[1] or k[0] % 2 == 0:
+        return f"kernel {k} is not square and odd"
+    if conv.dilation != (1, 1):
+        return f"dilation {conv.dilation}"
+    if isinstance(pad, str) or pad != (k[0] // 2, k[1] // 2):
+        return f"padding {pad} is not kernel//2, the shortcut would not align"
+    if conv.stride[0] != conv.stride[1]:
+        return f"stride {conv.stride} differs between height and width"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode {conv.padding_mode!r}"
+    return None
+
+
+def find_conv_bn_pairs(model: nn.Module) -> ConversionPlan:
+    """Trace ``model`` with torch.fx and list conv→BN pairs (eligibility not checked)."""
+    plan = ConversionPlan()
+    graph = fx.Tracer().trace(model)
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            uses[node.target] = uses.get(node.target, 0) + 1
+    for node in graph.nodes:
+        if node.op != "call_module" or type(_get(model, node.target)) is not nn.Conv2d:
+            continue
+        users = list(node.users)
+        bn_node = users[0] if len(users) == 1 else None
+        if (
+            bn_node is None
+            or bn_node.op != "call_module"
+            or not isinstance(_get(model, bn_node.target), nn.BatchNorm2d)
+        ):
+            plan.skipped[node.target] = "not followed by a BatchNorm2d that only it feeds"
+            continue
+        if uses[node.target] > 1 or uses[bn_node.target] > 1:
+            plan.skipped[node.target] = "conv or BN module is called more than once"
+            continue
+        plan.pairs[node.target] = bn_node.target
+    return plan
+
+
+def conversion_plan(model: nn.Module) -> ConversionPlan:
+    """What :func:`convert_` would do to ``model``, without changing it."""
+    try:
+        plan = find_conv_bn_pairs(model)
+    except Exception as exc:  # fx cannot trace data-dependent control flow
+        raise RuntimeError(
+            f"convert_: torch.fx could not trace {type(model).__name__} ({exc}); "
+            "convert its traceable submodules one by one instead"
+        ) from exc
+    for conv_name in list(plan.pairs):
+        conv = _get(model, conv_name)
+        bn = _get(model, plan.pairs[conv_name])
+        why = _conv_ineligible(conv)
+        if why is None and (not bn.affine or not bn.track_running_stats):
+            why = "BatchNorm2d without affine parameters or running statistics"
+        if why is not None:
+            plan.skipped[conv_name] = why
+            del plan.pairs[conv_name]
+    return plan
+
+
+def convert_(model: nn.Module) -> nn.Module:
+    """Convert every eligible Conv2d → BatchNorm2d pair of ``model`` into a ResConv2d, in place.
+
+    Returns the model. Skipped convs are logged with their reason; use
+    :func:`conversion_plan` to get them as data.
+
+    Example:
+        >>> import torchvision, resprune as rp
+        >>> m = rp.convert_(torchvision.models.resnet18(num_classes=10))
+        >>> sum(isinstance(x, rp.ResConv2d) for x in m.modules())
+        20
+    """
+    plan = conversion_plan(model)
+    for conv_name, bn_name in plan.pairs.items():
+        conv: nn.Conv2d = _get(model, conv_name)
+        bn: nn.BatchNorm2d = _get(model, bn_name)
+        rc = ResConv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
+            act=False, shortcut=True, bias=conv.bias is not None,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        rc.conv.load_state_dict(conv.state_dict())
+        rc.bn.load_state_dict(bn.state_dict())
+        rc.bn.eps, rc.bn.momentum = bn.eps, bn.momentum
+        set_submodule(model, conv_name, rc)
+        set_submodule(model, bn_name, nn.Identity())
+    for name, why in plan.skipped.items():
+        logger.warning("convert_: left %s as it is: %s", name, why)
+    logger.info("convert_: %d convs → ResConv2d, %d skipped", len(plan.pairs), len(plan.skipped))
+    arch = getattr(model, "resprune_arch", None)
+    if arch is not None:
+        arch["ops"].append(["convert"])
+    return model

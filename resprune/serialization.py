@@ -1,0 +1,123 @@
+"""``save`` / ``load``: one file with the architecture and the weights.
+
+The architecture is the recipe that rebuilds the module tree: the registry factory and its
+arguments, then the structural operations applied since (``convert``, ``remove`` with the
+removed unit names, ``fuse``). Loading replays them on a fresh model and loads the weights
+strictly, so a pruned or fused model reloads without the code or config that pruned it.
+The file is a plain ``torch.save`` dict of tensors, strings and numbers that loads with
+``torch.load(weights_only=True)``.
+
+Example:
+    >>> import os, tempfile, torch, resprune as rp
+    >>> m = rp.fuse(rp.create_model("resnet20"))
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
+    >>> rp.save(m, path)
+    >>> m2 = rp.load(path)
+    >>> x = torch.rand(1, 3, 32, 32)
+    >>> torch.equal(m(x), m2.eval()(x))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fuse import fuse_
+from .models import convert_, create_model
+from .prune import remove_units_
+from .version import __version__
+
+__all__ = ["save", "load", "load_payload", "build_from_arch", "CheckpointError", "FORMAT"]
+
+FORMAT = "resprune-model"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a readable resprune checkpoint."""
+
+
+def build_from_arch(arch: dict) -> nn.Module:
+    """Rebuild the module tree an architecture record describes (random weights)."""
+    factory = arch.get("factory", "")
+    src, _, name = factory.partition(":")
+    if src != "resprune" or not name:
+        raise CheckpointError(f"unknown architecture factory {factory!r}")
+    model = create_model(name, **arch.get("kwargs", {}))
+    for op in arch.get("ops", []):
+        if op[0] == "convert":
+            convert_(model)
+        elif op[0] == "remove":
+            remove_units_(model, list(op[1]))
+        elif op[0] == "fuse":
+            fuse_(model)
+        else:
+            raise CheckpointError(f"unknown architecture operation {op[0]!r}")
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Write ``model`` (architecture + weights, plus optional ``extra`` plain data) to ``path``.
+
+    The write is atomic: a temporary file next to ``path`` is renamed over it.
+    """
+    arch = getattr(model, "resprune_arch", None)
+    if arch is None:
+        raise ValueError(
+            "this model carries no architecture record; build it with resprune.create_model "
+            "(torchvision nets: create_model('tv_resnet18') then convert_) so it can be saved"
+        )
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "resprune_version": __version__,
+        "arch": copy.deepcopy(arch),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra or {},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The raw checkpoint dict, validated (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a resprune model file (no '{FORMAT}' format marker)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by a newer resprune (format {payload['format_version']}); upgrade resprune"
+        )
+    return payload
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild and return the model saved at ``path`` (in eval mode if it was fused)."""
+    payload = load_payload(path, map_location)
+    model = build_from_arch(payload["arch"])
+    sd = payload["state_dict"]
+    floats = [v.dtype for v in sd.values() if v.is_floating_point()]
+    if floats:
+        model.to(floats[0])
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the recorded architecture: {exc}") from exc
+    return model.to(map_location)

@@ -1,0 +1,43 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import resprune as rp
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0, scales: bool = True) -> nn.Module:
+    """Random BN statistics and affine parameters (RepVGG's trick: default BN is nearly the
+    identity and would hide fusion errors) and random layer scales."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.copy_((torch.rand(n, generator=g) + 0.5) * torch.sign(torch.randn(n, generator=g)))
+            m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+        if scales and isinstance(m, rp.ResConv2d):
+            m.scale.copy_(torch.rand((), generator=g) * 1.5 - 0.5)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b|."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def count_convs_run(model: nn.Module, x: torch.Tensor) -> int:
+    """How many nn.Conv2d forwards one call of ``model(x)`` runs."""
+    n = [0]
+    hooks = [m.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return n[0]

@@ -1,0 +1,171 @@
+"""prune_: exact structural removal, budgets, errors; profile leaves models untouched; save/load."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import resprune as rp
+from helpers import count_convs_run, randomize_, rel_err
+
+
+@torch.no_grad()
+def zero_scales(model, names):
+    for n in names:
+        model.get_submodule(n).scale.zero_()
+
+
+def _resnet20_with_zeros():
+    torch.manual_seed(0)
+    m = randomize_(rp.create_model("resnet20"), seed=3)
+    with torch.no_grad():
+        for _, rc in rp.sparsity.removable_scales(m):
+            rc.scale.clamp_(min=0.2)  # keep the rest well above the threshold
+    # a whole branch in a transition block, a first conv, a whole identity block
+    zero_scales(m, ["layer2.0.conv2", "layer1.1.conv1", "layer3.2.conv2", "layer1.2.conv1"])
+    return m.eval()
+
+
+def test_threshold_removal_is_exact_and_structural():
+    m = _resnet20_with_zeros()
+    x = torch.randn(4, 3, 32, 32)
+    y = m(x)
+    n_tensors, n_convs = len(m.state_dict()), count_convs_run(m, x)
+    rep = rp.prune_(m, rp.PruneConfig(threshold=1e-2))
+    assert rep.removed == ["layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv2", "layer3.2.conv2"]
+    assert rep.removed_per_stage == {"layer1": 2, "layer2": 1, "layer3": 1}
+    assert rep.max_removed_scale == 0.0
+    assert torch.equal(m(x), y) or rel_err(m(x), y) <= 1e-6
+    assert count_convs_run(m, x) == n_convs - 6  # 2 first convs + 2 whole branches
+    assert len(m.state_dict()) < n_tensors
+    assert isinstance(m.layer2[0], rp.OptionAShortcut)  # transition block → option-A shortcut
+    assert "2" not in dict(m.layer3.named_children())  # identity block deleted, keys kept
+    assert isinstance(m.layer1[1].conv1, nn.Identity)
+    assert rep.macs_after < rep.macs_before and rep.params_after < rep.params_before
+    assert rep.macs_after == rp.profile(m).macs
+    # pruned and fused: still the same function
+    assert rel_err(rp.fuse(m)(x), y) <= 1e-5
+
+
+def test_plain_resconv_chain_removal():
+    m = randomize_(rp.create_model("plainres20"), seed=4).eval()
+    zero_scales(m, ["layer1.3", "layer3.5"])
+    with torch.no_grad():
+        m.layer1[0].scale.fill_(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    y = m(x)
+    rep = rp.prune_(m, rp.PruneConfig(threshold=1e-3))
+    assert rep.removed == ["layer1.3", "layer3.5"]
+    assert list(dict(m.layer1.named_children())) == ["0", "1", "2", "4", "5"]
+    assert rel_err(m(x), y) <= 1e-6
+
+
+@pytest.mark.parametrize("rank", ["scale", "scale_per_mac"])
+def test_budget_mode(rank):
+    torch.manual_seed(0)
+    m = randomize_(rp.create_model("resnet56"), seed=5).eval()
+    total = rp.profile(m).macs
+    rep = rp.prune_(m, rp.PruneConfig(target_macs=0.35, rank=rank))
+    assert rep.macs_after <= 0.35 * total
+    assert rep.macs_after == rp.profile(m).macs
+    # greedy: the kept removable scales are not all smaller than the removed ones
+    kept = [abs(float(t.scale)) for _, t in rp.sparsity.removable_scales(m)]
+    assert kept and m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    if rank == "scale":
+        removed_max = rep.max_removed_scale
+        assert sum(k < removed_max for k in kept) < len(kept)
+
+
+def test_budget_absolute_int():
+    m = rp.create_model("resnet20")
+    budget = 30_000_000
+    rep = rp.prune_(m, rp.PruneConfig(target_macs=budget))
+    assert rep.macs_after <= budget
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({}, "exactly one"),
+        ({"threshold": 0.1, "target_macs": 0.5}, "exactly one"),
+        ({"threshold": -1.0}, "threshold"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"target_macs": 1.5}, r"\(0, 1\]"),
+        ({"target_macs": 0}, "absolute budget"),
+        ({"target_macs": True}, "target_macs"),
+        ({"threshold": 0.1, "rank": "random"}, "rank"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rp.PruneConfig(**kwargs)
+
+
+def test_threshold_that_empties_a_stage_is_refused_and_changes_nothing():
+    m = rp.create_model("resnet20").eval()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match="layer1"):
+        rp.prune_(m, rp.PruneConfig(threshold=10.0))  # every scale is 1.0 < 10
+    assert m.state_dict().keys() == before.keys()
+
+
+def test_unreachable_budget_is_refused():
+    m = rp.create_model("resnet20")
+    with pytest.raises(ValueError, match="cannot be met"):
+        rp.prune_(m, rp.PruneConfig(target_macs=0.01))
+    assert len(m.layer1) == 3
+
+
+def test_profile_leaves_model_untouched():
+    m = rp.create_model("resnet20")
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    p = rp.profile(m)
+    assert set(m.state_dict()) == set(sd)
+    assert not any(hasattr(t, "total_ops") for t in m.modules())
+    m.load_state_dict(sd, strict=True)
+    assert p.layers and p.layers[0].name == "stem.conv" and p.layers[-1].kind == "linear"
+    assert sum(r.macs for r in p.layers) == p.macs
+    assert "total" in p.table()
+
+
+@pytest.mark.parametrize("stage", ["none", "pruned", "fused", "converted"])
+def test_save_load_roundtrip(tmp_path, stage):
+    torch.manual_seed(0)
+    if stage == "converted":
+        m = rp.convert_(rp.create_model("tv_resnet18"))
+        x = torch.randn(2, 3, 64, 64)
+    else:
+        m = _resnet20_with_zeros()
+        x = torch.randn(2, 3, 32, 32)
+        if stage in ("pruned", "fused"):
+            rp.prune_(m, rp.PruneConfig(threshold=1e-2))
+        if stage == "fused":
+            rp.fuse_(m)
+    randomize_(m, seed=7, scales=False)
+    m.eval()
+    path = tmp_path / "model.pt"
+    rp.save(m, path)
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert raw["format"] == "resprune-model"
+    m2 = rp.load(path).eval()
+    assert torch.equal(m2(x), m(x))
+    assert m2.state_dict().keys() == m.state_dict().keys()
+
+
+def test_load_errors(tmp_path):
+    m = rp.create_model("resnet20")
+    good = tmp_path / "m.pt"
+    rp.save(m, good)
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(rp.CheckpointError, match="truncated or corrupt"):
+        rp.load(truncated)
+    foreign = tmp_path / "f.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(rp.CheckpointError, match="not a resprune model file"):
+        rp.load(foreign)
+    with pytest.raises(rp.CheckpointError, match="no such"):
+        rp.load(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="architecture record"):
+        rp.save(nn.Linear(2, 2), tmp_path / "x.pt")
