@@ -1,0 +1,192 @@
+"""The few communication primitives the MGRIT solver needs, on two back ends.
+
+:class:`DistComm` uses ``torch.distributed`` (gloo on CPU, NCCL on GPU); :class:`ThreadComm`
+runs ``P`` simulated ranks as threads of one process (queues and a barrier), so the
+distributed algorithm is unit-tested without ``torchrun``.
+
+Point-to-point messages between a pair of ranks are matched in the order they are sent
+(both back ends); every rank runs the same sequence of phases, so orders always agree.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "DistComm", "ThreadComm", "ThreadGroup", "ReversedComm", "SingleComm"]
+
+
+class Comm:
+    """Interface: ``rank``, ``world_size``, ``isend``, ``recv``, ``wait``, ``all_reduce_sum``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def isend(self, t: torch.Tensor, dst: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def wait(self) -> None:
+        """Complete every pending ``isend`` (call at the end of each phase)."""
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:  # pragma: no cover
+        """``t`` from ``src`` on every rank (other ranks pass a buffer of the right shape)."""
+        raise NotImplementedError
+
+    def gather_object(self, obj: object) -> list | None:  # pragma: no cover
+        """Every rank's ``obj`` as a list on rank 0, ``None`` elsewhere."""
+        raise NotImplementedError
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:  # pragma: no cover
+        raise NotImplementedError
+
+
+class SingleComm(Comm):
+    """One process, no communication."""
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        return t
+
+    def gather_object(self, obj: object) -> list | None:
+        return [obj]
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        return obj
+
+
+class ReversedComm(Comm):
+    """The same ranks in reverse order (rank ``r`` appears as ``P−1−r``): the adjoint runs
+    backward in layer index, so its "time" starts on the last rank."""
+
+    def __init__(self, base: Comm) -> None:
+        self.base, self.world_size = base, base.world_size
+        self.rank = base.world_size - 1 - base.rank
+
+    def _r(self, r: int) -> int:
+        return self.world_size - 1 - r
+
+    def isend(self, t: torch.Tensor, dst: int) -> None:
+        self.base.isend(t, self._r(dst))
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
+        return self.base.recv(shape, self._r(src), like)
+
+    def wait(self) -> None:
+        self.base.wait()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return self.base.all_reduce_sum(values)
+
+
+class DistComm(Comm):
+    """``torch.distributed`` default process group (or ``group``)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._pending: list = []
+
+    def _global(self, r: int) -> int:
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def isend(self, t: torch.Tensor, dst: int) -> None:
+        t = t.detach().contiguous()
+        self._pending.append((dist.isend(t, self._global(dst), group=self.group), t))
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(shape, dtype=like.dtype, device=like.device)
+        dist.recv(out, self._global(src), group=self.group)
+        return out
+
+    def wait(self) -> None:
+        for w, _ in self._pending:
+            w.wait()
+        self._pending.clear()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        dev = torch.device("cuda", torch.cuda.current_device()) if (
+            dist.get_backend(self.group) == "nccl") else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        t = t.contiguous()
+        dist.broadcast(t, self._global(src), group=self.group)
+        return t
+
+    def gather_object(self, obj: object) -> list | None:
+        out = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=self._global(0), group=self.group)
+        return out
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        box = [obj]
+        dist.broadcast_object_list(box, self._global(src), group=self.group)
+        return box[0]
+
+
+class ThreadGroup:
+    """Shared state of ``P`` simulated ranks: one queue per ordered pair and a barrier."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.queues = {(a, b): queue.Queue() for a in range(world_size) for b in range(world_size)}
+        self.barrier = threading.Barrier(world_size)
+        self.slots: list[list[float]] = [[] for _ in range(world_size)]
+        self.objs: list[object] = [None] * world_size
+
+    def comm(self, rank: int) -> ThreadComm:
+        return ThreadComm(self, rank)
+
+
+class ThreadComm(Comm):
+    """One simulated rank of a :class:`ThreadGroup`."""
+
+    def __init__(self, group: ThreadGroup, rank: int) -> None:
+        self.g, self.rank, self.world_size = group, rank, group.world_size
+
+    def isend(self, t: torch.Tensor, dst: int) -> None:
+        self.g.queues[(self.rank, dst)].put(t.detach().clone())
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
+        t = self.g.queues[(src, self.rank)].get(timeout=60)
+        if tuple(t.shape) != tuple(shape):
+            raise RuntimeError(f"rank {self.rank}: expected {shape} from {src}, got {tuple(t.shape)}")
+        return t
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        self.g.slots[self.rank] = list(values)
+        self.g.barrier.wait()
+        out = [sum(s[i] for s in self.g.slots) for i in range(len(values))]
+        self.g.barrier.wait()
+        return out
+
+    def _share(self, obj: object) -> list:
+        self.g.objs[self.rank] = obj
+        self.g.barrier.wait()
+        out = list(self.g.objs)
+        self.g.barrier.wait()
+        return out
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        return self._share(t.clone() if self.rank == src else None)[src].clone()
+
+    def gather_object(self, obj: object) -> list | None:
+        out = self._share(obj)
+        return out if self.rank == 0 else None
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        return self._share(obj)[src]

@@ -1,0 +1,334 @@
+"""Layer-parallel training by nonlinear multigrid across layers (MGRIT with FAS).
+
+A ResNet is forward Euler over the layer index: ``u[n+1] = f_n(u[n])`` with ``f_n`` the n-th
+entry of ``model.layer_sequence()`` (stem, blocks, head). Forward propagation is solved by
+:class:`~resprune.parallel.mgrit_solver.MGRITSolver` with each rank owning a contiguous,
+cost-balanced range of layers; backpropagation is the adjoint recurrence
+``λ[n] = J_n(u[n])ᵀ λ[n+1]`` (vector-Jacobian products by ``torch.autograd``), solved by the
+same solver backward in layer index (the ranks in reverse order).
+
+Choices (see docs/parallel.md):
+
+- **Coarse propagator.** A coarse step standing for ``m`` residual layers starting at layer
+  ``t`` is ``Φc(u) = u + m·(f_t(u) − u)``: the first layer's increment, scaled (forward
+  Euler with step ``m·h``; parameters injected from the C-point). Its adjoint is
+  ``λ + m·(J_tᵀλ − λ)`` with ``J_t`` taken at ``u[t]`` (in the adjoint's own time the
+  interval's first step is the highest layer of the chunk).
+- **Shape changes.** Layers whose output shape differs from their input (stem, stride-2
+  transitions, head) are never coarsened: they are exact steps on every level, so each
+  stage of equal shape is coarsened on its own and transitions are propagated exactly.
+- **BatchNorm.** Every relaxation sweep uses batch statistics (train mode) but does not
+  touch the running statistics; they are updated once per step, in the final sweep that
+  builds the autograd graphs from the final states (so converged mode updates them exactly
+  as serial training does).
+- **Start.** Forward and adjoint start from a nested coarse solve (exact on the coarsest
+  level, F-relaxed down; counts as one iteration). With ``warm_start=True`` and a batch of
+  the same shape as the previous step, the C-point states and adjoints of the previous step
+  are the start instead (sound when the same batch repeats, e.g. full-batch training).
+- **Modes.** ``converged``: iterate until the relative C-point residual is ``<= tol`` (caps
+  ``fwd_iters``/``bwd_iters``): gradients equal serial ones to rounding. ``simultaneous``
+  (one-shot): exactly ``fwd_iters``/``bwd_iters`` coarse-grid solves per step: inexact
+  gradients, each optimizer step sees the current approximation.
+
+Example (run under torchrun; on one process it degenerates to serial):
+    >>> import torch, resprune as rp
+    >>> from resprune.parallel import create_engine, MGRITConfig
+    >>> eng = create_engine("mgrit", rp.create_model("resnet20"), torch.nn.functional.cross_entropy,
+    ...                     lambda p: torch.optim.SGD(p, lr=0.1), MGRITConfig(mode="simultaneous"))
+    >>> loss = eng.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .comm import Comm, DistComm, ReversedComm, SingleComm
+from .engines import Engine, register_engine
+from .mgrit_solver import MGRITSolver, build_hierarchy
+from .partition import LayerInfo, analyze_layers, balanced_bounds, layer_sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MGRITConfig", "MGRITEngine"]
+
+
+@dataclass(frozen=True)
+class MGRITConfig:
+    """Settings of the ``mgrit`` engine.
+
+    Args:
+        cf: coarsening factor (fine residual layers per coarse step), >= 2.
+        levels: grid levels (2 = two-level; more = V-cycles), >= 2.
+        relax: ``"F"`` or ``"FCF"`` relaxation.
+        mode: ``"converged"`` (iterate to ``tol``; exact gradients) or ``"simultaneous"``
+            (exactly ``fwd_iters``/``bwd_iters`` coarse-grid solves per step).
+        fwd_iters: forward coarse-grid solves (cap in converged mode); the nested start is one.
+        bwd_iters: the same for the adjoint.
+        tol: relative C-point residual at which converged mode stops.
+        warm_start: start from the previous step's C-point states/adjoints when the batch
+            shape is unchanged (otherwise and on the first step: nested coarse start).
+        initial: ``"coarse"`` (nested iteration) or ``"zero"`` start when not warm.
+        input_size: sample input shape used to classify layers and balance the partition.
+        version: config format version.
+
+    Example:
+        >>> MGRITConfig(cf=8, mode="simultaneous", fwd_iters=1, bwd_iters=1).levels
+        2
+    """
+
+    cf: int = 4
+    levels: int = 2
+    relax: str = "F"
+    mode: str = "simultaneous"
+    fwd_iters: int = 1
+    bwd_iters: int = 1
+    tol: float = 1e-6
+    warm_start: bool = False
+    initial: str = "coarse"
+    input_size: tuple[int, ...] = (1, 3, 32, 32)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cf, int) or self.cf < 2:
+            raise ValueError(f"cf (coarsening factor) must be an int >= 2, got {self.cf!r}")
+        if not isinstance(self.levels, int) or self.levels < 2:
+            raise ValueError(f"levels must be an int >= 2, got {self.levels!r}")
+        if self.relax not in ("F", "FCF"):
+            raise ValueError(f"relax must be 'F' or 'FCF', got {self.relax!r}")
+        if self.mode not in ("converged", "simultaneous"):
+            raise ValueError(f"mode must be 'converged' or 'simultaneous', got {self.mode!r}")
+        for k in ("fwd_iters", "bwd_iters"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be an int >= 1, got {v!r}")
+        if not (self.tol > 0):
+            raise ValueError(f"tol must be > 0, got {self.tol!r}")
+        if self.initial not in ("coarse", "zero"):
+            raise ValueError(f"initial must be 'coarse' or 'zero', got {self.initial!r}")
+        if len(self.input_size) < 2:
+            raise ValueError(f"input_size must include the batch dimension, got {self.input_size!r}")
+        object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def _bn_stats_frozen(module: nn.Module):
+    """Train-mode BN uses batch statistics but leaves running statistics untouched."""
+    bns = [m for m in module.modules()
+           if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+
+
+def _default_comm() -> Comm:
+    if dist.is_available() and dist.is_initialized():
+        return DistComm()
+    return SingleComm()
+
+
+@register_engine("mgrit")
+class MGRITEngine(Engine):
+    """Nonlinear multigrid (FAS-MGRIT) across layers, forward and adjoint.
+
+    Every rank holds the whole model (same weights) but computes, owns and optimizes only
+    its contiguous range of ``layer_sequence()``. ``comm`` defaults to the default process
+    group (a one-process group when torch.distributed is not initialised).
+    """
+
+    name = "mgrit"
+
+    def __init__(self, model, loss_fn, optimizer_factory, config: MGRITConfig | None = None,
+                 regularizer=None, comm: Comm | None = None) -> None:
+        super().__init__(model, loss_fn, optimizer_factory, regularizer)
+        self.config = cfg = config if config is not None else MGRITConfig()
+        if not isinstance(cfg, MGRITConfig):
+            raise TypeError(f"mgrit engine needs an MGRITConfig, got {type(cfg).__name__}")
+        self.comm = comm if comm is not None else _default_comm()
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.seq = layer_sequence(model)
+        self.info = analyze_layers(model, cfg.input_size)
+        self._infos = {tuple(cfg.input_size[1:]): self.info}
+        n = len(self.seq)
+        self.bounds = balanced_bounds(self.info.costs, self.world_size)
+        self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        self.fwd_levels = build_hierarchy(self.info.residual, self.bounds, cfg.cf, cfg.levels)
+        rbounds = [n - b for b in reversed(self.bounds)]
+        self.bwd_levels = build_hierarchy(self.info.residual[::-1], rbounds, cfg.cf, cfg.levels)
+        self.part = nn.ModuleList([m for _, m in self.seq[self.lo:self.hi]])
+        self._prev: dict | None = None
+        self._make_optimizer()
+        logger.info("mgrit rank %d/%d owns layers %d..%d (%s .. %s); %d forward levels",
+                    self.rank, self.world_size, self.lo, self.hi - 1, self.seq[self.lo][0],
+                    self.seq[self.hi - 1][0], len(self.fwd_levels))
+
+    # ---- ownership -----------------------------------------------------------------------
+    def local_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, m in self.seq[self.lo:self.hi]:
+            for pn, p in m.named_parameters():
+                yield f"{name}.{pn}", p
+
+    def describe(self) -> str:
+        """One line per rank range and the grid sizes (for logs)."""
+        lv = ", ".join(str(level.n_steps) for level in self.fwd_levels)
+        return (f"mgrit: {len(self.seq)} layers over {self.world_size} ranks, bounds {self.bounds}, "
+                f"forward grid steps per level [{lv}], {self.config}")
+
+    def _layer_info(self, x: torch.Tensor) -> LayerInfo:
+        key = tuple(x.shape[1:])
+        if key not in self._infos:
+            info = analyze_layers(self.model, (1, *key))
+            if info.residual != self.info.residual:
+                raise ValueError(f"input shape {key} changes which layers keep their shape")
+            self._infos[key] = info
+        return self._infos[key]
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _fstep(self, desc, u: torch.Tensor) -> torch.Tensor:
+        t, m = desc
+        y = self.seq[t][1](u)
+        return y if m is None else u + m * (y - u)
+
+    # ---- training ------------------------------------------------------------------------
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        cfg, n_layers, me, P = self.config, len(self.seq), self.rank, self.world_size
+        self._zero_grad()
+        B = x.shape[0]
+        info = self._layer_info(x)
+        conv = cfg.mode == "converged"
+        warm = cfg.warm_start and self._prev is not None and self._prev["shape"] == tuple(x.shape)
+
+        # forward: MGRIT on the states (no graph, BN running stats frozen)
+        fsolver = MGRITSolver(self.fwd_levels, self.comm, self._fstep,
+                              lambda p: info.point_shape(p, B), cfg.relax)
+        with torch.no_grad(), _bn_stats_frozen(self.part):
+            u, finfo = fsolver.solve(x if me == 0 else None, x, cfg.fwd_iters,
+                                     cfg.tol if conv else None,
+                                     "guess" if warm else cfg.initial,
+                                     self._prev["u"] if warm else None)
+        # final sweep: F-relaxation that builds each owned layer's graph (BN stats update once)
+        graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for a, b in fsolver.intervals(0):
+            s = u[a]
+            for n in range(a, b):
+                inp = s.detach().requires_grad_(True)
+                out = self.seq[n][1](inp)
+                graphs[n] = (inp, out)
+                s = out.detach()
+
+        loss = torch.zeros((), dtype=torch.float64)
+        lam_n = None
+        if me == P - 1:
+            logits = graphs[n_layers - 1][1]
+            task = self.loss_fn(logits, y)
+            (lam_n,) = torch.autograd.grad(task, logits, retain_graph=True)
+            loss += float(task.detach())
+        if self.regularizer is not None:
+            reg = self.regularizer(self.part)
+            if reg.requires_grad:
+                reg.backward()
+            loss += float(reg.detach())
+
+        # adjoint: MGRIT backward in layer index (time point t = layer point N − t)
+        def bstep(desc, lam: torch.Tensor) -> torch.Tensor:
+            t, m = desc
+            inp, out = graphs[n_layers - 1 - t]
+            (g,) = torch.autograd.grad(out, inp, lam, retain_graph=True)
+            return g if m is None else lam + m * (g - lam)
+
+        bsolver = MGRITSolver(self.bwd_levels, ReversedComm(self.comm), bstep,
+                              lambda tp: info.point_shape(n_layers - tp, B), cfg.relax)
+        lam, binfo = bsolver.solve(lam_n, x, cfg.bwd_iters, cfg.tol if conv else None,
+                                   "guess" if warm else cfg.initial,
+                                   self._prev["lam"] if warm else None)
+        # final adjoint sweep: parameter gradients from the final adjoints (each layer once)
+        for a, b in bsolver.intervals(0):
+            s = lam[a]
+            for tp in range(a, b):
+                n = n_layers - 1 - tp
+                inp, out = graphs.pop(n)
+                params = [p for p in self.seq[n][1].parameters() if p.requires_grad]
+                inputs = params + ([inp] if n > 0 else [])
+                if inputs:
+                    torch.autograd.backward(out, s, inputs=inputs)
+                s = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+
+        if cfg.warm_start:
+            self._prev = {
+                "shape": tuple(x.shape),
+                "u": {p: u[p].detach() for p in fsolver.c_points()},
+                "lam": {p: lam[p].detach() for p in bsolver.c_points()},
+            }
+        total = self.comm.all_reduce_sum([float(loss)])[0]
+        self.stats = {"fwd_iters": finfo.iterations, "fwd_residuals": finfo.residuals,
+                      "bwd_iters": binfo.iterations, "bwd_residuals": binfo.residuals}
+        return total
+
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact logits (eval mode), pipelined over micro-batches; on every rank."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            me, P, B = self.rank, self.world_size, x.shape[0]
+            info = self._layer_info(x)
+            chunks = torch.arange(B).tensor_split(min(P, B))
+            outs = []
+            for idx in chunks:
+                if me == 0:
+                    s = x[idx]
+                else:
+                    s = self.comm.recv(info.point_shape(self.lo, len(idx)), me - 1, x)
+                for n in range(self.lo, self.hi):
+                    s = self.seq[n][1](s)
+                if me < P - 1:
+                    self.comm.isend(s, me + 1)
+                else:
+                    outs.append(s)
+            self.comm.wait()
+            if me == P - 1:
+                logits = torch.cat(outs)
+            else:
+                logits = torch.empty(info.point_shape(len(self.seq), B), dtype=x.dtype, device=x.device)
+            return self.comm.broadcast(logits, P - 1)
+        finally:
+            for m, t in modes.items():
+                m.training = t
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def full_state_dict(self) -> "OrderedDict[str, torch.Tensor] | None":
+        local = {}
+        for name, m in self.seq[self.lo:self.hi]:
+            for k, v in m.state_dict().items():
+                local[f"{name}.{k}"] = v.detach().cpu().clone()
+        parts = self.comm.gather_object(local)
+        if parts is None:
+            return None
+        merged: dict[str, torch.Tensor] = {}
+        for d in parts:
+            merged.update(d)
+        return self._ordered(self.model, merged)
+
+    def load_full_state_dict(self, sd: dict[str, torch.Tensor] | None) -> None:
+        missing = self.comm.all_reduce_sum([1.0 if sd is None else 0.0])[0]
+        if missing:
+            sd = self.comm.broadcast_object(sd if self.rank == 0 else None, 0)
+        if sd is None:
+            raise ValueError("load_full_state_dict: rank 0 has no state dict")
+        self.model.load_state_dict(sd)
+        self._prev = None
