@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -121,6 +122,22 @@ class _OptionAExport(nn.Module):
         if off < 0:
             return x[:, -off : -off + self.out_channels]
         return x
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """The exporter's passes log every step at INFO; keep them out of an INFO-level CLI log."""
+    saved = {}
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
+        lg = logging.getLogger(name)
+        saved[name] = lg.level
+        if lg.getEffectiveLevel() < logging.WARNING:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _needs_fusion(model: nn.Module) -> bool:
@@ -287,7 +304,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_exporter_logs():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             program = torch.onnx.export(

@@ -1,0 +1,166 @@
+"""PNG plots of the report (matplotlib, Agg canvas; pyplot and its global state are not used).
+
+Each function takes plain data (the dicts :mod:`resprune.report` builds from a run
+directory) and a path, writes one PNG and returns the path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+__all__ = ["plot_scales", "plot_before_after", "plot_removed_per_stage", "plot_acc_vs_macs"]
+
+BEFORE, AFTER, REMOVED, KEPT = "#4c72b0", "#dd8452", "#c44e52", "#4c72b0"
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_scales(run: dict, path: str | os.PathLike) -> Path:
+    """|layer scale| per removable layer (log axis), removed ones marked, threshold drawn."""
+    sc = run["scales"]
+    names, values = sc["names"], [abs(v) for v in sc["values"]]
+    removed = set(run["removed"])
+    nonzero = [v for v in values if v > 0]
+    floor = (min(nonzero) / 10 if nonzero else 1e-6)
+    shown = [max(v, floor) for v in values]
+    fig = _figure(max(7.0, min(18.0, 0.16 * len(names) + 3)), 4.2)
+    ax = fig.add_subplot()
+    colors = [REMOVED if n in removed else KEPT for n in names]
+    ax.bar(range(len(names)), shown, color=colors, width=0.8)
+    ax.set_yscale("log")
+    thr = sc.get("threshold")
+    if thr:
+        ax.axhline(thr, color="k", ls="--", lw=1, label=f"pruning threshold {thr:g}")
+    elif run.get("max_removed_scale"):
+        ax.axhline(run["max_removed_scale"], color="k", ls=":", lw=1,
+                   label=f"largest removed |s| {run['max_removed_scale']:.3g} (budget mode)")
+    # stage boundaries
+    stages = [n.split(".")[0] for n in names]
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            ax.axvline(i - 0.5, color="0.6", lw=0.8)
+    starts = [i for i in range(len(stages)) if i == 0 or stages[i] != stages[i - 1]]
+    for j, i in enumerate(starts):
+        end = starts[j + 1] if j + 1 < len(starts) else len(stages)
+        ax.text((i + end - 1) / 2, 1.01, stages[i], transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=8, color="0.3")
+    if len(names) <= 60:
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_xlim(-0.7, len(names) - 0.3)
+    ax.set_xlabel("removable layer (ResConv scale), module order")
+    ax.set_ylabel("|layer scale| before pruning (log)")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=REMOVED, label=f"removed ({len(removed)})"),
+               Patch(color=KEPT, label=f"kept ({len(names) - len(removed & set(names))})")]
+    h2, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + h2, fontsize=8, loc="lower right")
+    if nonzero != values:
+        ax.text(0.01, 0.02, f"|s| = 0 drawn at {floor:.1g}", transform=ax.transAxes, fontsize=7, color="0.3")
+    ax.set_title(f"{run['name']}: layer scales and pruning", pad=16)
+    return _save(fig, path)
+
+
+def plot_before_after(run: dict, path: str | os.PathLike) -> Path:
+    """Pruned as % of unpruned (MACs, params, latency per batch) and accuracy before/after."""
+    b, a = run["before"], run["after"]
+    labels, ratios = [], []
+    for key, label in (("macs", "MACs"), ("params", "params")):
+        if b.get(key) and a.get(key) is not None:
+            labels.append(label)
+            ratios.append(100 * a[key] / b[key])
+    for bs, lat in sorted(run["latency"].items(), key=lambda kv: int(kv[0])):
+        if lat.get("ratio") is not None:
+            labels.append(f"latency\nbatch {bs}")
+            ratios.append(100 * lat["ratio"])
+    fig = _figure(9.5, 4.0)
+    ax1 = fig.add_subplot(1, 2, 1)
+    bars = ax1.bar(range(len(labels)), ratios, color=AFTER)
+    ax1.axhline(100, color=BEFORE, ls="--", lw=1, label="unpruned = 100%")
+    for rect, v in zip(bars, ratios):
+        ax1.text(rect.get_x() + rect.get_width() / 2, v + 1, f"{v:.0f}%", ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(range(len(labels)))
+    ax1.set_xticklabels(labels, fontsize=8)
+    ax1.set_ylim(0, max([110.0] + [r + 12 for r in ratios]))
+    ax1.set_ylabel("pruned model, % of unpruned")
+    ax1.set_title("cost after pruning (lower is better)")
+    ax1.legend(fontsize=8, loc="upper right")
+    ax2 = fig.add_subplot(1, 2, 2)
+    accs = [b.get("test_acc"), a.get("test_acc")]
+    xs = ["before\n(" + b.get("stage", "sparse") + ")", "after\n(" + a.get("stage", "pruned") + ")"]
+    vals = [v if v is not None else 0.0 for v in accs]
+    bars = ax2.bar(xs, vals, color=[BEFORE, AFTER])
+    for rect, v in zip(bars, accs):
+        txt = f"{v:.2f}%" if v is not None else "n/a"
+        ax2.text(rect.get_x() + rect.get_width() / 2, (v or 0) + 0.5, txt, ha="center", va="bottom", fontsize=9)
+    known = [v for v in accs if v is not None]
+    lo = max(0.0, math.floor(min(known) - 10)) if known else 0.0
+    ax2.set_ylim(lo, min(100.0, (max(known) if known else 100.0) + 5))
+    ax2.set_ylabel("test accuracy (%)")
+    ax2.set_title("accuracy (axis starts at %g%%)" % lo)
+    fig.suptitle(f"{run['name']}: before and after pruning", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_removed_per_stage(run: dict, path: str | os.PathLike) -> Path:
+    """Stacked bars: removal units removed and kept, per stage."""
+    stages = list(run["units_per_stage"])
+    removed = [run["removed_per_stage"].get(s, 0) for s in stages]
+    kept = [run["units_per_stage"][s] - r for s, r in zip(stages, removed)]
+    fig = _figure(6.0, 3.8)
+    ax = fig.add_subplot()
+    ax.bar(stages, removed, color=REMOVED, label="removed")
+    ax.bar(stages, kept, bottom=removed, color=KEPT, label="kept")
+    for i, (r, k) in enumerate(zip(removed, kept)):
+        ax.text(i, r + k + 0.2, f"{r}/{r + k}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, max([r + k for r, k in zip(removed, kept)] + [1]) * 1.15 + 0.5)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("removal units (count)")
+    ax.set_title(f"{run['name']}: layers removed per stage\n"
+                 "(unit: one conv with its own shortcut, or a block's whole residual branch)", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_acc_vs_macs(runs: list[dict], path: str | os.PathLike) -> Path:
+    """Test accuracy against MACs across runs; an arrow from each run's unpruned to pruned model."""
+    fig = _figure(7.0, 4.6)
+    ax = fig.add_subplot()
+    first = True
+    for r in runs:
+        b, a = r["before"], r["after"]
+        if a.get("macs") is None or a.get("test_acc") is None:
+            continue
+        xa, ya = a["macs"] / 1e6, a["test_acc"]
+        ax.scatter([xa], [ya], color=AFTER, zorder=3, label="pruned" if first else None)
+        ax.annotate(r["name"], (xa, ya), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if b.get("macs") is not None and b.get("test_acc") is not None:
+            xb, yb = b["macs"] / 1e6, b["test_acc"]
+            ax.scatter([xb], [yb], facecolor="none", edgecolor=BEFORE, zorder=3,
+                       label="unpruned (sparse)" if first else None)
+            ax.annotate("", (xa, ya), (xb, yb), arrowprops={"arrowstyle": "->", "color": "0.5", "lw": 0.8})
+        first = False
+    ax.set_xlabel("MACs per image (M, conv + linear)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against MACs across runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

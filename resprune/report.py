@@ -1,0 +1,521 @@
+"""The ``export``, ``bench`` and ``report`` stages on a run directory (docs/run-dir.md).
+
+* :func:`export_run_dir`: ``fused_unpruned.pt`` / ``fused.pt`` → ``onnx/unpruned.onnx`` /
+  ``onnx/pruned.onnx`` (+ ``.json`` sidecars with the checkpoints' sha256), each verified
+  against onnxruntime by :func:`resprune.onnx.export_onnx`.
+* :func:`bench_run_dir`: re-verifies both ONNX files, then runs ``export/ort_bench.py`` on
+  them in a subprocess (interleaved timing, the same tool a target device runs) →
+  ``bench.json``.
+* :func:`write_report`: ``report.md``, ``report.json`` and ``plots/*.png`` from
+  ``prune.json``, ``metrics.json`` and ``bench.json`` of one or several run directories.
+
+A missing input raises :class:`RunDirError`, which names the file and the stage that
+writes it; the CLI handlers print it and exit with status 2.
+
+The CLI (``resprune/cli.py``) wires the three sub-commands with::
+
+    add_export_parser(subparsers); add_bench_parser(subparsers); add_report_parser(subparsers)
+
+Each sets ``func`` on its parser: ``args.func(args)`` returns the exit status.
+
+Example:
+    >>> from resprune.report import write_report  # doctest: +SKIP
+    >>> write_report(["runs/quickstart"])["out"]
+    'runs/quickstart'
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RunDirError", "export_run_dir", "bench_run_dir", "summarize_run", "write_report",
+    "find_bench_tool", "add_export_parser", "add_bench_parser", "add_report_parser",
+]
+
+# which stage writes which file (docs/run-dir.md)
+PRODUCER = {
+    "recipe.json": "run/train (`resprune run` or `resprune train`)",
+    "sparse.pt": "train (`resprune train`)",
+    "prune.json": "prune (`resprune prune`)",
+    "pruned.pt": "prune (`resprune prune`)",
+    "fused.pt": "fuse (`resprune fuse`)",
+    "fused_unpruned.pt": "fuse (`resprune fuse`)",
+    "onnx/unpruned.onnx": "export (`resprune export RUN_DIR`)",
+    "onnx/pruned.onnx": "export (`resprune export RUN_DIR`)",
+    "metrics.json": "every stage (`resprune run` writes it from training on)",
+    "bench.json": "bench (`resprune bench RUN_DIR`)",
+}
+ONNX_FILES = {"unpruned": ("fused_unpruned.pt", "onnx/unpruned.onnx"), "pruned": ("fused.pt", "onnx/pruned.onnx")}
+METRICS_STAGE = {"unpruned": "unpruned_fused", "pruned": "fused"}  # metrics.json stage of each file
+AFTER_STAGES = ("finetuned", "fused", "pruned")
+
+
+class RunDirError(FileNotFoundError):
+    """A run directory lacks a file a stage needs (the message names the producing stage)."""
+
+
+def require(run_dir: str | os.PathLike, rel: str, needed_by: str) -> Path:
+    """``run_dir/rel`` if it exists, else :class:`RunDirError` naming the producing stage."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    p = run_dir / rel
+    if not p.is_file():
+        raise RunDirError(
+            f"{p} is missing: `{needed_by}` needs it; it is written by the {PRODUCER.get(rel, 'an earlier')} stage"
+        )
+    return p
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from exc
+
+
+# --------------------------------------------------------------------------- export
+
+
+DATASET_SIDE = {"cifar10": 32, "cifar100": 32, "mnist": 28, "digits": 16}
+
+
+def _input_size(run_dir: Path, payload: dict, given: tuple[int, ...] | None,
+                model=None, stage: str | None = None) -> tuple[int, ...]:
+    """Input shape for export, first found of: ``given``; the checkpoint's ``extra["input_size"]``;
+    ``input_size`` in metrics.json or recipe.json; the recipe's dataset (cifar 32², mnist 28²,
+    digits 16²) with the model's ``in_chans``; the square size at which ``model`` has the MACs
+    that metrics.json records for ``stage``; 32² (224² for torchvision models)."""
+    if given:
+        return tuple(int(v) for v in given)
+    extra = payload.get("extra") or {}
+    if extra.get("input_size"):
+        return tuple(int(v) for v in extra["input_size"])
+    docs = {}
+    for name in ("metrics.json", "recipe.json"):
+        try:
+            docs[name] = json.loads((run_dir / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            docs[name] = {}
+    for doc in docs.values():
+        for sec in (doc, doc.get("export"), doc.get("data"), doc.get("model")):
+            if isinstance(sec, dict) and sec.get("input_size"):
+                return tuple(int(v) for v in sec["input_size"])
+    arch = payload.get("arch", {})
+    chans = int(arch.get("kwargs", {}).get("in_chans", 3))
+    data = docs["recipe.json"].get("data")
+    side = DATASET_SIDE.get(data.get("dataset")) if isinstance(data, dict) else None
+    if side is None and model is not None and stage:
+        # no recipe: the size at which the model's MACs equal those metrics.json recorded
+        macs = (docs["metrics.json"].get("stages", {}).get(stage) or {}).get("macs")
+        from .profile import profile
+
+        for s in sorted({*DATASET_SIDE.values(), 32, 64, 96, 224}) if macs else ():
+            if profile(model, (1, chans, s, s)).macs == macs:
+                side = s
+                break
+    if side is None:
+        side = 224 if arch.get("factory", "").startswith("resprune:tv_") else 32
+        logger.warning("export: input size unknown for %s, using %dx%d (pass --input-size)", run_dir, side, side)
+    return (1, chans, side, side)
+
+
+def export_run_dir(
+    run_dir: str | os.PathLike,
+    *,
+    input_size: tuple[int, ...] | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> dict[str, dict]:
+    """Export the run's fused checkpoints to verified ONNX files with sidecars.
+
+    Args:
+        run_dir: a run directory with ``fused_unpruned.pt`` and ``fused.pt``.
+        input_size: input shape with batch (default: from the checkpoint or recipe, else
+            ``(1, 3, 32, 32)``, 224² for torchvision models).
+        opset: ONNX opset (default: the exporter's).
+        dynamic_batch: symbolic batch dimension.
+
+    Returns:
+        ``{"unpruned": sidecar, "pruned": sidecar}``.
+    """
+    from .onnx import export_onnx
+    from .serialization import load, load_payload
+
+    run_dir = Path(run_dir)
+    srcs = {k: require(run_dir, ckpt, "export") for k, (ckpt, _) in ONNX_FILES.items()}
+    out = {}
+    for key, (_, rel) in ONNX_FILES.items():
+        payload = load_payload(srcs[key])
+        model = load(srcs[key])
+        size = _input_size(run_dir, payload, input_size, model, METRICS_STAGE[key])
+        out[key] = export_onnx(model, run_dir / rel, size, dynamic_batch, opset, source=srcs[key])
+        logger.info("export: %s → %s", srcs[key], run_dir / rel)
+    return out
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def find_bench_tool(tool: str | os.PathLike | None = None) -> Path:
+    """``export/ort_bench.py``: ``tool``, ``$RESPRUNE_ORT_BENCH``, or the repository's copy."""
+    cands = [tool, os.environ.get("RESPRUNE_ORT_BENCH"), Path(__file__).resolve().parents[1] / "export" / "ort_bench.py"]
+    for c in cands:
+        if c and Path(c).is_file():
+            return Path(c)
+    raise RunDirError(
+        "export/ort_bench.py not found (resprune is not installed from a source checkout?); pass "
+        "--tool PATH or set RESPRUNE_ORT_BENCH"
+    )
+
+
+def bench_run_dir(
+    run_dir: str | os.PathLike,
+    *,
+    batches: tuple[int, ...] | list[int] = (1, 64),
+    runs: int = 30,
+    warmup: int = 5,
+    threads: int | None = 0,
+    providers: list[str] | None = None,
+    memory: bool = True,
+    tool: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Verify the run's ONNX files and time them with ``export/ort_bench.py`` → ``bench.json``.
+
+    The tool runs in a subprocess with the current Python, labels ``unpruned`` and ``pruned``
+    (the reference of the ratios is ``unpruned``); ``threads`` 0 or None lets onnxruntime
+    choose. Returns the parsed ``bench.json``.
+    """
+    from .onnx import verify_onnx
+
+    run_dir = Path(run_dir)
+    paths = {k: require(run_dir, rel, "bench") for k, (_, rel) in ONNX_FILES.items()}
+    for p in paths.values():
+        verify_onnx(p)
+    out = run_dir / "bench.json"
+    cmd = [sys.executable, str(find_bench_tool(tool)), str(paths["unpruned"]), str(paths["pruned"]),
+           "--names", "unpruned", "pruned", "--batch", *map(str, batches), "--runs", str(runs),
+           "--warmup", str(warmup), "--threads", str(threads or 0), "--json", str(out)]
+    if providers:
+        cmd += ["--providers", *providers]
+    if not memory:
+        cmd.append("--no-memory")
+    if quiet:
+        cmd.append("--quiet")
+    logger.info("bench: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, text=True, capture_output=quiet)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ort_bench.py failed (exit {proc.returncode}): {(proc.stderr or '').strip()}")
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------- report data
+
+
+def _stage_values(stages: dict, name: str) -> dict:
+    s = stages.get(name) or {}
+    return {k: s.get(k) for k in ("test_acc", "test_loss", "macs", "params", "epochs", "wall_s")} | {"stage": name}
+
+
+def _pick(model_name: str, bench: dict) -> str | None:
+    names = [m["name"] for m in bench.get("models", [])]
+    if model_name in names:
+        return model_name
+    for m in bench.get("models", []):
+        if Path(m.get("path", "")).name == f"{model_name}.onnx":
+            return m["name"]
+    return None
+
+
+def summarize_run(run_dir: str | os.PathLike, latency: bool = True) -> dict[str, Any]:
+    """Everything the report shows about one run, as plain data (see ``report.json``).
+
+    ``latency=False`` reports without ``bench.json`` (no latency rows or plots).
+    """
+    run_dir = Path(run_dir)
+    prune = _read_json(require(run_dir, "prune.json", "report"))
+    metrics = _read_json(require(run_dir, "metrics.json", "report"))
+    bench = _read_json(require(run_dir, "bench.json", "report")) if latency else {}
+    stages = metrics.get("stages", {})
+    before = _stage_values(stages, "sparse")
+    after_name = next((s for s in AFTER_STAGES if (stages.get(s) or {}).get("test_acc") is not None),
+                      next((s for s in AFTER_STAGES if s in stages), "pruned"))
+    after = _stage_values(stages, after_name)
+    for side, key, pkey in ((before, "macs", "macs_before"), (before, "params", "params_before"),
+                            (after, "macs", "macs_after"), (after, "params", "params_after")):
+        if side[key] is None:
+            side[key] = prune.get(pkey)
+    latency: dict[str, dict] = {}
+    nb, na = _pick("unpruned", bench), _pick("pruned", bench)
+    rows = bench.get("results", [])
+    for b in sorted({r["batch"] for r in rows}):
+        rb = next((r for r in rows if r["model"] == nb and r["batch"] == b), None)
+        ra = next((r for r in rows if r["model"] == na and r["batch"] == b), None)
+        latency[str(b)] = {
+            "before_ms": rb and rb["median_ms"], "after_ms": ra and ra["median_ms"],
+            "before_p90_ms": rb and rb["p90_ms"], "after_p90_ms": ra and ra["p90_ms"],
+            "before_throughput": rb and rb["throughput_per_s"], "after_throughput": ra and ra["throughput_per_s"],
+            "before_peak_mb": rb and rb.get("peak_rss_mb"), "after_peak_mb": ra and ra.get("peak_rss_mb"),
+            "ratio": (ra["median_ms"] / rb["median_ms"]) if ra and rb else None,
+        }
+    scales = prune.get("scales") or {"names": [], "values": [], "threshold": None}
+    units = Counter(n.split(".")[0] for n in scales.get("names", []))
+    for s in prune.get("removed_per_stage", {}):
+        units.setdefault(s, prune["removed_per_stage"][s])
+    model = None
+    if (run_dir / "recipe.json").is_file():
+        try:
+            rec = json.loads((run_dir / "recipe.json").read_text())
+            model = rec.get("model") if isinstance(rec.get("model"), str) else (rec.get("model") or {}).get("name")
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    ratios = {k: (after[k] / before[k]) if before.get(k) and after.get(k) is not None else None
+              for k in ("macs", "params")}
+    acc_delta = (after["test_acc"] - before["test_acc"]
+                 if after["test_acc"] is not None and before["test_acc"] is not None else None)
+    return {
+        "name": run_dir.resolve().name, "run_dir": str(run_dir), "model": model,
+        "before": before, "after": after, "ratios": ratios, "acc_delta_pt": acc_delta,
+        "latency": latency, "removed": prune.get("removed", []),
+        "removed_per_stage": prune.get("removed_per_stage", {}), "units_per_stage": dict(units),
+        "max_removed_scale": prune.get("max_removed_scale"),
+        "prune_config": prune.get("config", {}), "scales": scales,
+        "device": bench.get("device", {}), "bench_settings": bench.get("settings", {}),
+        "hardware": metrics.get("hardware"),
+    }
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _f(v, fmt: str, na: str = "n/a") -> str:
+    return na if v is None else format(v, fmt)
+
+
+def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
+    b, a, L = r["before"], r["after"], r["latency"]
+    lines = [f"## {r['name']}", ""]
+    if r["model"]:
+        lines.append(f"model: `{r['model']}`  ")
+    d, s = r["device"], r["bench_settings"]
+    if d:
+        lines.append(
+            f"latency device: {d.get('cpu_model')} ({d.get('usable_cpus')} usable CPUs), onnxruntime "
+            f"{d.get('onnxruntime')}, {', '.join(s.get('providers', []))}, threads {s.get('threads') or 'default'}, "
+            f"{s.get('runs')} interleaved runs after {s.get('warmup')} warm-up, medians"
+        )
+    lines += ["", f"| | before ({b['stage']}) | after ({a['stage']}) | after / before |", "|---|---:|---:|---:|"]
+    delta = r["acc_delta_pt"]
+    lines.append(f"| test accuracy (%) | {_f(b['test_acc'], '.2f')} | {_f(a['test_acc'], '.2f')} | "
+                 f"{_f(delta, '+.2f')} pt |")
+    lines.append(f"| MACs (M) | {_f(b['macs'] and b['macs'] / 1e6, '.2f')} | {_f(a['macs'] and a['macs'] / 1e6, '.2f')} "
+                 f"| {_f(r['ratios']['macs'], '.3f')} |")
+    lines.append(f"| params (M) | {_f(b['params'] and b['params'] / 1e6, '.3f')} | "
+                 f"{_f(a['params'] and a['params'] / 1e6, '.3f')} | {_f(r['ratios']['params'], '.3f')} |")
+    for bs, l in sorted(L.items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| latency, batch {bs} (ms) | {_f(l['before_ms'], '.3f')} | {_f(l['after_ms'], '.3f')} | "
+                     f"{_f(l['ratio'], '.3f')} |")
+        if l.get("before_peak_mb") is not None:
+            lines.append(f"| peak memory, batch {bs} (MB) | {_f(l['before_peak_mb'], '.0f')} | "
+                         f"{_f(l['after_peak_mb'], '.0f')} | |")
+    per = ", ".join(f"{k}: {v}/{r['units_per_stage'].get(k, '?')}" for k, v in r["removed_per_stage"].items()) or "none"
+    cfg = r["prune_config"]
+    rule = (f"threshold |s| < {cfg['threshold']:g}" if cfg.get("threshold") is not None
+            else f"MACs budget {cfg.get('target_macs')}" if cfg.get("target_macs") is not None else "unknown rule")
+    lines += ["", f"Removed {len(r['removed'])} units ({rule}; per stage removed/removable: {per}); "
+              f"largest removed |s| = {_f(r['max_removed_scale'], '.3g')}.", ""]
+    for title, key in (("layer scales", "scales"), ("before/after", "before_after"),
+                       ("removed per stage", "removed_per_stage")):
+        if key in plots:
+            lines.append(f"![{title}]({plots[key]})")
+    return lines + [""]
+
+
+def write_report(
+    run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None, *, latency: bool = True
+) -> dict[str, Any]:
+    """Write ``report.md``, ``report.json`` and ``plots/*.png`` for one or several runs.
+
+    Args:
+        run_dirs: run directories with ``prune.json``, ``metrics.json`` and ``bench.json``.
+        out: output directory (default: the run directory when there is one; required
+            with several).
+        latency: require ``bench.json`` and report latency (``False``: a report without
+            latency, for runs whose recipe skips the benchmark).
+
+    Returns:
+        The ``report.json`` contents (with ``"out"``, the output directory).
+    """
+    from . import plots as P
+
+    if not run_dirs:
+        raise ValueError("write_report needs at least one run directory")
+    if out is None:
+        if len(run_dirs) > 1:
+            raise ValueError("several run directories need an output directory (--out DIR)")
+        out = run_dirs[0]
+    out = Path(out)
+    runs = [summarize_run(d, latency) for d in run_dirs]  # all inputs checked before anything is written
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        for i, r in enumerate(runs):
+            r["name"] = f"{i}-{r['name']}"
+    pdir = out / "plots"
+    all_plots: dict[str, dict[str, str]] = {}
+    for r in runs:
+        prefix = "" if len(runs) == 1 else f"{r['name']}_"
+        files = {}
+        if r["scales"].get("names"):
+            files["scales"] = P.plot_scales(r, pdir / f"{prefix}scales.png")
+        files["before_after"] = P.plot_before_after(r, pdir / f"{prefix}before_after.png")
+        if r["units_per_stage"]:
+            files["removed_per_stage"] = P.plot_removed_per_stage(r, pdir / f"{prefix}removed_per_stage.png")
+        all_plots[r["name"]] = {k: str(v.relative_to(out)) for k, v in files.items()}
+    cross = None
+    if len(runs) > 1:
+        cross = str(P.plot_acc_vs_macs(runs, pdir / "acc_vs_macs.png").relative_to(out))
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    md = ["# resprune report", "",
+          f"Generated {now} by resprune {__version__} from {len(runs)} run(s). Latency: medians of "
+          "interleaved onnxruntime runs (`export/ort_bench.py`); MACs: conv + linear, per image.", ""]
+    if len(runs) > 1:
+        bs_all = sorted({int(b) for r in runs for b in r["latency"]})
+        md += ["## Across runs", "",
+               "| run | model | acc before (%) | acc after (%) | MACs after (M) | MACs ratio | "
+               + " | ".join(f"latency ratio b={b}" for b in bs_all) + " |",
+               "|---|---|---:|---:|---:|---:|" + "---:|" * len(bs_all)]
+        for r in runs:
+            lat = [_f(r["latency"].get(str(b), {}).get("ratio"), ".3f") for b in bs_all]
+            md.append(f"| {r['name']} | {r['model'] or ''} | {_f(r['before']['test_acc'], '.2f')} | "
+                      f"{_f(r['after']['test_acc'], '.2f')} | {_f(r['after']['macs'] and r['after']['macs'] / 1e6, '.2f')} "
+                      f"| {_f(r['ratios']['macs'], '.3f')} | " + " | ".join(lat) + " |")
+        md += ["", f"![accuracy against MACs]({cross})", ""]
+    for r in runs:
+        md += _run_markdown(r, all_plots[r["name"]])
+    report = {"generated": now, "resprune_version": __version__, "out": str(out), "runs": runs,
+              "plots": {"per_run": all_plots, "acc_vs_macs": cross}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    logger.info("report: %s", out / "report.md")
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _fail(cmd: str, exc: BaseException) -> int:
+    print(f"resprune {cmd}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .onnx import OnnxVerificationError
+    from .serialization import CheckpointError
+
+    try:
+        res = export_run_dir(args.run_dir, input_size=tuple(args.input_size) if args.input_size else None,
+                             opset=args.opset, dynamic_batch=not args.static_batch)
+    except (RunDirError, CheckpointError, OnnxVerificationError, ValueError) as exc:
+        return _fail("export", exc)
+    for key, info in res.items():
+        chk = info["check"]
+        print(f"{key:>9}: {Path(args.run_dir) / ONNX_FILES[key][1]}  opset {info['opset']}, "
+              f"{info['macs_per_sample'] / 1e6:.2f} M MACs, {info['params'] / 1e6:.3f} M params, "
+              f"onnxruntime max |diff| {chk['max_abs_diff']:.2g} (tol {chk['atol']:g}), ops "
+              + ", ".join(f"{k}×{v}" for k, v in info["op_types"].items()))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .onnx import OnnxVerificationError
+
+    try:
+        bench_run_dir(args.run_dir, batches=tuple(args.batch), runs=args.runs, warmup=args.warmup,
+                      threads=args.threads, providers=args.providers, memory=not args.no_memory,
+                      tool=args.tool)
+    except (RunDirError, OnnxVerificationError, RuntimeError) as exc:
+        return _fail("bench", exc)
+    print(f"wrote {Path(args.run_dir) / 'bench.json'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        rep = write_report(args.run_dirs, args.out, latency=not args.no_latency)
+    except (RunDirError, ValueError) as exc:
+        return _fail("report", exc)
+    print(f"wrote {Path(rep['out']) / 'report.md'}, report.json and "
+          f"{sum(len(v) for v in rep['plots']['per_run'].values()) + bool(rep['plots']['acc_vs_macs'])} plots")
+    return 0
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    """``resprune export RUN_DIR``: fused checkpoints → verified ONNX files + sidecars."""
+    p = subparsers.add_parser(
+        "export", help="export fused.pt / fused_unpruned.pt to verified ONNX files",
+        description="Export RUN_DIR/fused_unpruned.pt and RUN_DIR/fused.pt to RUN_DIR/onnx/unpruned.onnx "
+                    "and RUN_DIR/onnx/pruned.onnx (one self-contained file each, plus a .json sidecar with "
+                    "MACs, params, opset, versions and the checkpoint's sha256). Each file is checked with "
+                    "onnx.checker and against onnxruntime on random inputs (max |diff| <= 1e-4, same top-1).",
+    )
+    p.add_argument("run_dir", help="run directory (docs/run-dir.md)")
+    p.add_argument("--input-size", nargs=4, type=int, metavar=("N", "C", "H", "W"),
+                   help="input shape (default: from the checkpoint/recipe, else 1 3 32 32)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, >= 18)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to N")
+    p.set_defaults(func=_cmd_export)
+    return p
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """``resprune bench RUN_DIR``: time the run's ONNX files with export/ort_bench.py."""
+    p = subparsers.add_parser(
+        "bench", help="time onnx/unpruned.onnx and onnx/pruned.onnx side by side → bench.json",
+        description="Verify RUN_DIR/onnx/{unpruned,pruned}.onnx against their sidecars, then time them "
+                    "interleaved with export/ort_bench.py (onnxruntime, medians, peak memory) and write "
+                    "RUN_DIR/bench.json. On a target device run export/ort_bench.py itself (see "
+                    "export/README.md).",
+    )
+    p.add_argument("run_dir", help="run directory with onnx/ (from `resprune export`)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 64], help="batch sizes (default: 1 64)")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up runs (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--providers", nargs="+", help="onnxruntime execution providers (default: CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--tool", help="path of ort_bench.py (default: the repository's export/ort_bench.py)")
+    p.set_defaults(func=_cmd_bench)
+    return p
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    """``resprune report RUN_DIR [RUN_DIR ...] [--out DIR]``."""
+    p = subparsers.add_parser(
+        "report", help="report.md, report.json and plots from one or several run directories",
+        description="Write report.md, report.json and plots/*.png (layer scales with the threshold, "
+                    "MACs/params/latency/accuracy before and after, layers removed per stage; with "
+                    "several runs also accuracy against MACs) from prune.json, metrics.json and "
+                    "bench.json.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", help="output directory (default: RUN_DIR; required with several runs)")
+    p.add_argument("--no-latency", action="store_true",
+                   help="report without bench.json (no latency); by default a missing bench.json is an error")
+    p.set_defaults(func=_cmd_report)
+    return p
