@@ -48,9 +48,12 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..layers import ResConv2d
+from ..models.cifar_resnet import BasicBlock
 from .comm import Comm, DistComm, ReversedComm, SingleComm
 from .engines import Engine, register_engine
 from .mgrit_solver import MGRITSolver, build_hierarchy
@@ -122,6 +125,22 @@ class MGRITConfig:
         return asdict(self)
 
 
+def residual_increment(layer: nn.Module, u: torch.Tensor | None):
+    """``(r(u), relu)`` for layers of the form ``y = act(u + r(u))`` that resprune builds
+    (identity-shortcut ResConv2d: ``r = s·BN(W∗u)``; identity-shortcut BasicBlock:
+    ``r = conv2(conv1(u))``), ``None`` for any other layer. With ``u=None`` only the form is
+    checked and ``r`` is ``None``. The coarse step is then ``act(u + m·r(u))``: the layer
+    scale (the Euler step) times ``m``, the activation kept, which stays stable where
+    ``u + m·(f(u) − u)`` would turn each ReLU-clipped entry into a factor ``1 − m``.
+    """
+    if isinstance(layer, ResConv2d) and layer.shortcut and layer.identity_shortcut:
+        r = None if u is None else layer.scale * layer.bn(layer.conv(u))
+        return r, layer.act
+    if isinstance(layer, BasicBlock) and isinstance(layer.shortcut, nn.Identity):
+        return (None if u is None else layer.conv2(layer.conv1(u))), True
+    return None
+
+
 @contextmanager
 def _bn_stats_frozen(module: nn.Module):
     """Train-mode BN uses batch statistics but leaves running statistics untouched."""
@@ -170,6 +189,8 @@ class MGRITEngine(Engine):
         self.fwd_levels = build_hierarchy(self.info.residual, self.bounds, cfg.cf, cfg.levels)
         rbounds = [n - b for b in reversed(self.bounds)]
         self.bwd_levels = build_hierarchy(self.info.residual[::-1], rbounds, cfg.cf, cfg.levels)
+        self._relu_out = [residual_increment(m, None) is not None and residual_increment(m, None)[1]
+                          for _, m in self.seq]
         self.part = nn.ModuleList([m for _, m in self.seq[self.lo:self.hi]])
         self._prev: dict | None = None
         self._make_optimizer()
@@ -201,8 +222,15 @@ class MGRITEngine(Engine):
     # ---- steps ---------------------------------------------------------------------------
     def _fstep(self, desc, u: torch.Tensor) -> torch.Tensor:
         t, m = desc
-        y = self.seq[t][1](u)
-        return y if m is None else u + m * (y - u)
+        layer = self.seq[t][1]
+        if m is None:
+            return layer(u)
+        inc = residual_increment(layer, u)
+        if inc is None:  # unknown residual layer: scale its whole increment
+            return u + m * (layer(u) - u)
+        r, relu = inc
+        y = u + m * r
+        return F.relu(y) if relu else y
 
     # ---- training ------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -247,9 +275,14 @@ class MGRITEngine(Engine):
         # adjoint: MGRIT backward in layer index (time point t = layer point N − t)
         def bstep(desc, lam: torch.Tensor) -> torch.Tensor:
             t, m = desc
-            inp, out = graphs[n_layers - 1 - t]
+            n = n_layers - 1 - t
+            inp, out = graphs[n]
             (g,) = torch.autograd.grad(out, inp, lam, retain_graph=True)
-            return g if m is None else lam + m * (g - lam)
+            if m is None:
+                return g
+            # J = D (I + s B) with D the ReLU mask at the output: coarse (I + m s B)ᵀ D λ
+            dl = lam * (out > 0) if self._relu_out[n] else lam
+            return dl + m * (g - dl)
 
         bsolver = MGRITSolver(self.bwd_levels, ReversedComm(self.comm), bstep,
                               lambda tp: info.point_shape(n_layers - tp, B), cfg.relax)

@@ -1,0 +1,36 @@
+"""Multi-process tests of the mgrit engine against the serial engine (torchrun, gloo, CPU).
+
+One torchrun launch per process count runs every check of tests/dist_worker_mgrit.py
+(start-up costs ~4-7 s per launch on a 2-core machine); each launch has a timeout and uses
+``--standalone`` (a free local port).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("dist_worker_mgrit.py")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_mgrit_matches_serial(nproc: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), str(WORKER)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    except subprocess.TimeoutExpired as e:  # a hung collective must not block CI
+        pytest.fail(f"torchrun timed out after 240 s:\n{e.stdout}\n{e.stderr}")
+    out = r.stdout + r.stderr
+    results = [line for line in out.splitlines() if line.startswith("RESULT")]
+    print("\n".join(results))
+    assert results, out[-4000:]
+    assert not [line for line in results if "FAIL" in line], "\n".join(results)
+    assert len(results) == 9, out[-4000:]
+    assert r.returncode == 0, out[-4000:]

@@ -1,0 +1,243 @@
+"""Single-process tests of the layer-parallel code: partition, MGRIT hierarchy and solver
+math (P simulated ranks as threads, no torchrun), engines against serial, config, launch."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resprune as rp
+from resprune.parallel import MGRITConfig, create_engine, list_engines
+from resprune.parallel.comm import ThreadGroup
+from resprune.parallel.launch import strip_nproc, torchrun_command
+from resprune.parallel.mgrit_solver import MGRITSolver, build_hierarchy
+from resprune.parallel.partition import analyze_layers, balanced_bounds
+
+
+def run_threads(P, fn):
+    """Run ``fn(rank, comm)`` on P simulated ranks; re-raise the first failure."""
+    g, out, errs = ThreadGroup(P), [None] * P, []
+
+    def work(r):
+        try:
+            torch.set_num_threads(1)
+            out[r] = fn(r, g.comm(r))
+        except BaseException as e:  # pragma: no cover - reported below
+            errs.append(e)
+
+    th = [threading.Thread(target=work, args=(r,)) for r in range(P)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join(timeout=120)
+    if errs:
+        raise errs[0]
+    return out
+
+
+# ---- partition and hierarchy ------------------------------------------------------------
+def test_balanced_bounds():
+    assert balanced_bounds([1.0] * 10, 3) in ([0, 4, 7, 10], [0, 3, 6, 10], [0, 4, 8, 10], [0, 3, 7, 10])
+    b = balanced_bounds([5, 1, 1, 1, 1, 1, 5], 3)
+    assert b[0] == 0 and b[-1] == 7 and len(b) == 4 and all(x < y for x, y in zip(b, b[1:]))
+    assert balanced_bounds([1.0] * 4, 4) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        balanced_bounds([1.0] * 3, 4)
+
+
+def test_analyze_layers_resnet20():
+    info = analyze_layers(rp.create_model("resnet20"), (1, 3, 32, 32))
+    assert info.residual == [False, True, True, True, False, True, True, False, True, True, False]
+    assert info.point_shape(0, 5) == (5, 3, 32, 32) and info.point_shape(11, 5) == (5, 10)
+
+
+def test_hierarchy_keeps_exact_steps_and_rank_bounds():
+    coarsenable = [False] + [True] * 9 + [False] + [True] * 9 + [False]
+    levels = build_hierarchy(coarsenable, [0, 8, 21], cf=3, max_levels=3)
+    assert [lv.n_steps for lv in levels][0] == 21
+    for fine, coarse in zip(levels, levels[1:]):
+        for r in range(2):  # rank boundaries are C-points
+            assert fine.bounds[r] in fine.cpts
+        for t, m in coarse.steps:  # exact steps never merged
+            assert (m is None) or coarsenable[t]
+        assert sum((m or 1) for _, m in coarse.steps) == 21
+    assert levels[1].steps[0] == (0, None)
+
+
+# ---- solver math on a toy recurrence ---------------------------------------------------------
+def _toy(N=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dims = [3] * 11 + [5] * (N - 10)
+    A = [torch.randn(dims[t + 1], dims[t], generator=g) * 0.5 for t in range(N)]
+    coars = [dims[t] == dims[t + 1] for t in range(N)]
+
+    def f(t, u):
+        return u + 0.2 * torch.tanh(u @ A[t].T) if coars[t] else torch.tanh(u @ A[t].T)
+
+    def step(desc, u):
+        t, m = desc
+        y = f(t, u)
+        return y if m is None else u + m * (y - u)
+
+    x = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    A = [a.double() for a in A]
+    ref = [x]
+    for t in range(N):
+        ref.append(f(t, ref[-1]))
+    return N, dims, coars, step, x, ref
+
+
+@pytest.mark.parametrize("P,cf,levels,relax", [(1, 4, 2, "F"), (3, 4, 2, "F"), (3, 2, 3, "FCF"), (2, 2, 4, "F")])
+def test_solver_converges_to_serial(P, cf, levels, relax):
+    N, dims, coars, step, x, ref = _toy()
+    lv = build_hierarchy(coars, balanced_bounds([1.0] * N, P), cf, levels)
+
+    def fn(r, comm):
+        s = MGRITSolver(lv, comm, step, lambda p: (2, dims[p]), relax)
+        u, info = s.solve(x if r == 0 else None, x, 60, 1e-13, "coarse")
+        s.frelax(0, u, {})
+        return u, info
+
+    out = run_threads(P, fn)
+    u = {k: v for o in out for k, v in o[0].items()}
+    assert max(float((u[p] - ref[p]).abs().max()) for p in range(N + 1)) < 1e-10
+    res = out[0][1].residuals
+    assert res[-1] <= 1e-13 and all(o[1].residuals == res for o in out)
+
+
+def test_solver_exact_after_coarse_intervals():
+    """Two-level FAS with F-relaxation from a zero start is exact after N_c iterations."""
+    N, dims, coars, step, x, ref = _toy()
+    lv = build_hierarchy(coars, balanced_bounds([1.0] * N, 3), 4, 2)
+    nc = lv[1].n_steps
+
+    def fn(r, comm, iters):
+        s = MGRITSolver(lv, comm, step, lambda p: (2, dims[p]), "F")
+        u, _ = s.solve(x if r == 0 else None, x, iters, None, "zero")
+        s.frelax(0, u, {})
+        return u
+
+    def err(iters):
+        out = run_threads(3, lambda r, c: fn(r, c, iters))
+        u = {k: v for o in out for k, v in o.items()}
+        return max(float((u[p] - ref[p]).abs().max()) for p in range(N + 1))
+
+    assert err(nc) < 1e-12
+    assert err(nc // 2) > 1e-6
+
+
+# ---- engines on simulated ranks ---------------------------------------------------------------
+def _small_resnet():
+    torch.manual_seed(0)
+    m = rp.create_model("resnet20")
+    with torch.no_grad():
+        for mm in m.modules():
+            if isinstance(mm, rp.ResConv2d):
+                mm.scale.mul_(0.3)
+    return m
+
+
+def _sgd(p):
+    return torch.optim.SGD(p, lr=0.1)
+
+
+def test_engine_registry_and_serial():
+    assert {"serial", "mgrit"} <= set(list_engines())
+    with pytest.raises(ValueError):
+        create_engine("nope", _small_resnet(), F.cross_entropy, _sgd)
+    eng = create_engine("serial", _small_resnet(), F.cross_entropy, _sgd, regularizer=rp.LayerScaleL1(1e-3))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    l0 = eng.step(x, y)
+    assert eng.rank == 0 and eng.world_size == 1 and l0 > 0
+    sd = eng.full_state_dict()
+    assert list(sd) == list(eng.model.state_dict())
+
+
+@pytest.mark.parametrize("P,levels,relax", [(1, 2, "F"), (3, 2, "FCF"), (2, 3, "F")])
+def test_mgrit_converged_matches_serial(P, levels, relax):
+    base = _small_resnet()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    reg = rp.LayerScaleL1(1e-3)
+    ser = create_engine("serial", copy.deepcopy(base), F.cross_entropy, _sgd, regularizer=reg)
+    ls = ser.forward_backward(x, y)
+    sg = dict(ser.local_named_parameters())
+    cfg = MGRITConfig(mode="converged", cf=2, levels=levels, relax=relax, fwd_iters=40,
+                      bwd_iters=40, tol=1e-7, input_size=(1, 3, 16, 16))
+
+    def fn(r, comm):
+        e = create_engine("mgrit", copy.deepcopy(base), F.cross_entropy, _sgd, cfg, regularizer=reg, comm=comm)
+        loss = e.forward_backward(x, y)
+        grads = {n: p.grad.clone() for n, p in e.local_named_parameters()}
+        e.optimizer.step()
+        return loss, grads, e.eval_forward(x), e.full_state_dict()
+
+    out = run_threads(P, fn)
+    grads = {k: v for o in out for k, v in o[1].items()}
+    assert set(grads) == set(sg)
+    for n, g in grads.items():  # tolerance: 1e-5 relative per parameter (float32)
+        assert float((g - sg[n].grad).norm() / sg[n].grad.norm().clamp_min(1e-12)) <= 1e-5, n
+    for o in out:
+        assert abs(o[0] - ls) <= 1e-5 * ls
+    ser.optimizer.step()
+    assert torch.allclose(out[0][2], ser.eval_forward(x), rtol=1e-5, atol=1e-6)
+    sd, ssd = out[0][3], ser.full_state_dict()
+    assert list(sd) == list(ssd) and all(o[3] is None for o in out[1:])
+    for k in ssd:
+        assert torch.allclose(sd[k].double(), ssd[k].double(), rtol=1e-5, atol=1e-6), k
+
+
+def test_mgrit_simultaneous_and_warm_start_run():
+    base = _small_resnet()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    cfg = MGRITConfig(cf=2, fwd_iters=2, bwd_iters=2, warm_start=True, input_size=(1, 3, 16, 16))
+
+    def fn(r, comm):
+        e = create_engine("mgrit", copy.deepcopy(base), F.cross_entropy, _sgd, cfg, comm=comm)
+        losses = [e.step(x, y) for _ in range(3)]
+        return losses, e.stats
+
+    out = run_threads(2, fn)
+    assert out[0][0] == out[1][0] and all(l == l for l in out[0][0])
+    assert out[0][1]["fwd_iters"] == 2 and len(out[0][1]["fwd_residuals"]) == 2  # warm: 2 cycles
+
+
+def test_load_full_state_dict_from_serial():
+    base = _small_resnet()
+    sd = create_engine("serial", copy.deepcopy(base), F.cross_entropy, _sgd).full_state_dict()
+    x = torch.randn(3, 3, 16, 16)
+    ref = create_engine("serial", copy.deepcopy(base), F.cross_entropy, _sgd).eval_forward(x)
+
+    def fn(r, comm):
+        e = create_engine("mgrit", rp.create_model("resnet20"), F.cross_entropy, _sgd,
+                          MGRITConfig(input_size=(1, 3, 16, 16)), comm=comm)
+        e.load_full_state_dict(sd if r == 0 else None)
+        return e.eval_forward(x)
+
+    for out in run_threads(2, fn):
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- config and launch --------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(cf=1), dict(levels=1), dict(relax="C"), dict(mode="fast"),
+                                dict(fwd_iters=0), dict(tol=0.0), dict(initial="x"), dict(input_size=(3,))])
+def test_config_validation(kw):
+    with pytest.raises(ValueError):
+        MGRITConfig(**kw)
+
+
+def test_config_frozen_and_serialisable():
+    c = MGRITConfig(cf=8)
+    with pytest.raises(Exception):
+        c.cf = 2  # type: ignore[misc]
+    assert MGRITConfig(**c.to_dict()) == c
+
+
+def test_launch_helpers():
+    assert strip_nproc(["train", "r", "--nproc", "4", "--x", "--nproc=2"]) == ["train", "r", "--x"]
+    cmd = torchrun_command(4, ["train", "r", "--nproc", "4"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-3:] == ["resprune", "train", "r"]
+    assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "4"
