@@ -35,7 +35,10 @@ from .models import convert_, create_model
 from .prune import remove_units_
 from .version import __version__
 
-__all__ = ["save", "load", "load_payload", "build_from_arch", "CheckpointError", "FORMAT"]
+__all__ = [
+    "save", "load", "load_payload", "model_payload", "model_from_payload", "atomic_save",
+    "build_from_arch", "CheckpointError", "FORMAT",
+]
 
 FORMAT = "resprune-model"
 FORMAT_VERSION = 1
@@ -69,13 +72,18 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
 
     The write is atomic: a temporary file next to ``path`` is renamed over it.
     """
+    atomic_save(model_payload(model, extra), path)
+
+
+def model_payload(model: nn.Module, extra: dict[str, Any] | None = None) -> dict:
+    """The dict :func:`save` writes: format marker, architecture record, weights, extra."""
     arch = getattr(model, "resprune_arch", None)
     if arch is None:
         raise ValueError(
             "this model carries no architecture record; build it with resprune.create_model "
             "(torchvision nets: create_model('tv_resnet18') then convert_) so it can be saved"
         )
-    payload = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "resprune_version": __version__,
@@ -83,10 +91,14 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -110,7 +122,11 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild and return the model saved at ``path`` (in eval mode if it was fused)."""
-    payload = load_payload(path, map_location)
+    return model_from_payload(load_payload(path, map_location), path, map_location)
+
+
+def model_from_payload(payload: dict, path: Any = "<payload>", map_location: Any = "cpu") -> nn.Module:
+    """Rebuild a model from a :func:`model_payload` dict."""
     model = build_from_arch(payload["arch"])
     sd = payload["state_dict"]
     floats = [v.dtype for v in sd.values() if v.is_floating_point()]

@@ -1,0 +1,284 @@
+"""Run configuration: frozen dataclasses, recipe files (TOML or JSON) and ``--set`` overrides.
+
+A recipe holds model, data, schedule (``train``), sparsity (``train.l1``), pruning rule,
+fine-tune schedule and export settings. ``--set section.key=value`` overrides any field;
+values are parsed as JSON when they parse (``5``, ``0.1``, ``true``, ``[1, 8]``, ``null``)
+and as strings otherwise. Unknown sections or keys are errors that list the valid ones.
+
+Example:
+    >>> from resprune.config import load_recipe
+    >>> r = load_recipe("quickstart", ["train.epochs=2"])
+    >>> r.train.epochs, r.model.name
+    (2, 'resnet20')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ModelConfig", "DataConfig", "TrainConfig", "PruneStageConfig", "ExportConfig", "Recipe",
+    "RecipeError", "load_recipe", "recipe_from_dict", "apply_overrides", "recipe_dirs", "list_recipes",
+]
+
+CONFIG_VERSION = 1
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not make sense."""
+
+
+def _positive(name: str, v: float, allow_zero: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise RecipeError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet20"
+    kwargs: dict = field(default_factory=dict)  # passed to create_model (e.g. {"resconv": false})
+
+    def __post_init__(self) -> None:
+        from .models import is_model, list_models
+
+        if not is_model(self.name):
+            raise RecipeError(f"model.name={self.name!r} is not registered; known: {', '.join(list_models())}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str | None = None  # default: $RESPRUNE_DATA
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    augment: bool = True
+    pad: int = 4
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        from .data import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise RecipeError(f"data.dataset={self.dataset!r} is unknown; known: {', '.join(DATASETS)}")
+        for k in ("batch_size", "eval_batch_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"data.{k} must be an int >= 1, got {v!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and schedule. Weight decay never applies to BN, biases or layer scales
+    (the scales are governed by ``l1`` alone)."""
+
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0
+    milestones: tuple = ()  # step schedule: epochs at which lr *= gamma
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    l1: float = 0.0  # λ of the L1 penalty on removable layer scales
+    l1_mode: str = "prox"  # prox: soft-threshold after each step (exact zeros) | subgradient: in the loss
+    bf16: bool = True  # autocast on CUDA only
+    channels_last: bool = True  # CUDA only
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise RecipeError(f"epochs must be an int >= 0, got {self.epochs!r}")
+        _positive("lr", self.lr)
+        for k in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing", "l1", "gamma"):
+            _positive(k, getattr(self, k), allow_zero=True)
+        if self.l1_mode not in ("prox", "subgradient"):
+            raise RecipeError(f"l1_mode must be prox or subgradient, got {self.l1_mode!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise RecipeError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
+        if self.label_smoothing >= 1:
+            raise RecipeError("label_smoothing must be < 1")
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+
+
+@dataclass(frozen=True)
+class PruneStageConfig:
+    """The pruning rule (see :class:`resprune.PruneConfig`): one of threshold / target_macs."""
+
+    threshold: float | None = 1e-2
+    target_macs: float | int | None = None
+    rank: str = "scale"
+    min_layers_per_stage: int = 1
+
+    def to_prune_config(self, input_size: tuple[int, ...]):
+        from .prune import PruneConfig
+
+        return PruneConfig(
+            threshold=self.threshold, target_macs=self.target_macs, rank=self.rank,
+            min_layers_per_stage=self.min_layers_per_stage, input_size=input_size,
+        )
+
+    def __post_init__(self) -> None:
+        try:
+            self.to_prune_config((1, 3, 32, 32))
+        except ValueError as exc:
+            raise RecipeError(f"prune: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    onnx: bool = True
+    opset: int | None = None
+    bench: bool = True
+    bench_batches: tuple = (1, 64)
+    bench_runs: int = 30
+    bench_warmup: int = 5
+    bench_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bench_batches", tuple(self.bench_batches))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneStageConfig = field(default_factory=PruneStageConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0, lr=0.01, l1=0.0))
+    export: ExportConfig = field(default_factory=ExportConfig)
+    engine: str = "serial"
+    nproc: int = 1
+    engine_options: dict = field(default_factory=dict)  # e.g. MGRITConfig fields for engine="mgrit"
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "prune": PruneStageConfig,
+            "finetune": TrainConfig, "export": ExportConfig}
+
+
+def _build(cls, values: dict, where: str):
+    valid = {f.name for f in fields(cls)}
+    unknown = set(values) - valid
+    if unknown:
+        raise RecipeError(f"unknown key(s) {', '.join(sorted(unknown))} in [{where}]; valid: {', '.join(sorted(valid))}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise RecipeError(f"[{where}]: {exc}") from exc
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    top = {f.name for f in fields(Recipe)}
+    unknown = set(d) - top
+    if unknown:
+        raise RecipeError(f"unknown recipe section(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(top))}")
+    kw: dict[str, Any] = {}
+    for k, v in d.items():
+        if k in SECTIONS:
+            if not isinstance(v, dict):
+                raise RecipeError(f"[{k}] must be a table of keys")
+            kw[k] = _build(SECTIONS[k], v, k)
+        else:
+            kw[k] = v
+    if kw.get("engine", "serial") not in ("serial", "mgrit"):
+        raise RecipeError(f"engine={kw['engine']!r} is unknown; available: serial, mgrit")
+    nproc = kw.get("nproc", 1)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise RecipeError(f"nproc must be an int >= 1, got {nproc!r}")
+    if not isinstance(kw.get("engine_options", {}), dict):
+        raise RecipeError("engine_options must be a table (dict)")
+    return Recipe(**kw)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Apply ``section.key=value`` (or ``key=value`` for top-level fields) overrides."""
+    d = recipe.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 1:
+            if parts[0] not in d or isinstance(d[parts[0]], dict):
+                raise RecipeError(f"unknown recipe key {key!r}; top-level keys: engine, engine_options, name, nproc; "
+                                  f"sections: {', '.join(SECTIONS)}")
+            d[parts[0]] = _parse_value(raw)
+        elif len(parts) == 2 or (len(parts) == 3 and parts[1] == "kwargs"):
+            sec = parts[0]
+            if sec not in SECTIONS:
+                raise RecipeError(f"unknown recipe section {sec!r} in {key!r}; sections: {', '.join(SECTIONS)}")
+            if parts[1] not in d[sec]:
+                raise RecipeError(
+                    f"unknown recipe key {key!r}; keys of [{sec}]: {', '.join(sorted(d[sec]))}"
+                )
+            if len(parts) == 3:
+                d[sec]["kwargs"][parts[2]] = _parse_value(raw)
+            else:
+                d[sec][parts[1]] = _parse_value(raw)
+        else:
+            raise RecipeError(f"unknown recipe key {key!r}")
+    if {"prune.threshold", "prune.target_macs"} & {o.split("=", 1)[0].strip() for o in overrides}:
+        # setting one pruning rule switches the other off unless both were given
+        given = {o.split("=", 1)[0].strip() for o in overrides}
+        if "prune.target_macs" in given and "prune.threshold" not in given:
+            d["prune"]["threshold"] = None
+        if "prune.threshold" in given and "prune.target_macs" not in given:
+            d["prune"]["target_macs"] = None
+    return recipe_from_dict(d)
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ./recipes, then the recipes/ beside the package."""
+    return [Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
+
+
+def list_recipes() -> list[str]:
+    names = set()
+    for d in recipe_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe by name (``recipes/NAME.toml``) or path (``.toml``/``.json``)."""
+    p = Path(name_or_path)
+    if not p.is_file():
+        for d in recipe_dirs():
+            if (d / f"{name_or_path}.toml").is_file():
+                p = d / f"{name_or_path}.toml"
+                break
+        else:
+            raise RecipeError(f"no recipe {name_or_path!r}: not a file and not one of {', '.join(list_recipes())}")
+    try:
+        text = p.read_text()
+        d = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{p}: cannot read recipe: {exc}") from exc
+    d.setdefault("name", p.stem)
+    recipe = recipe_from_dict(d)
+    return apply_overrides(recipe, overrides or [])
+

@@ -1,0 +1,7 @@
+"""Datasets (CIFAR-10/100, MNIST, ImageFolder, built-in digits) and the on-device loader."""
+
+from .loader import DeviceLoader, batch_crop_flip
+from .sources import DATASETS, ArrayDataset, DatasetNotFound, load_arrays, resolve_data_dir
+
+__all__ = ["DeviceLoader", "batch_crop_flip", "DATASETS", "ArrayDataset", "DatasetNotFound",
+           "load_arrays", "resolve_data_dir"]

@@ -1,0 +1,121 @@
+"""A batched loader over a uint8 data set that lives on the training device.
+
+Augmentation (random crop with zero padding, horizontal flip) is done for the whole batch
+with tensor ops, no per-sample Python, on whatever device holds the data (the GPU on CUDA,
+airbench style). Normalisation uses the training set's per-channel mean and std.
+
+Example:
+    >>> from resprune.data import load_arrays, DeviceLoader
+    >>> tr, te = load_arrays("digits")
+    >>> x, y = next(iter(DeviceLoader(tr, 64, train=True)))
+    >>> tuple(x.shape), x.dtype
+    ((64, 1, 16, 16), torch.float32)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .sources import ArrayDataset
+
+__all__ = ["DeviceLoader", "batch_crop_flip"]
+
+
+def batch_crop_flip(
+    x: torch.Tensor, pad: int, generator: torch.Generator | None = None, flip: bool = True
+) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and random horizontal flip of a batch (B, C, H, W)."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(dev)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B,1,H,1
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B,1,1,W
+        bidx = torch.arange(b, device=dev)[:, None, None, None]
+        cidx = torch.arange(c, device=dev)[None, :, None, None]
+        x = xp[bidx, cidx, rows, cols]
+    if not flip:
+        return x
+    flips = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(dev)
+    return torch.where(flips[:, None, None, None], x.flip(3), x)
+
+
+class DeviceLoader:
+    """Iterate (images, labels) batches; images normalised float32, labels int64.
+
+    Args:
+        ds: the uint8 arrays.
+        batch_size: images per batch.
+        train: shuffle (and augment when ``augment``) each epoch; the last partial batch is
+            dropped in training, kept in evaluation.
+        augment: random crop with ``pad`` and horizontal flip (training only).
+        device: where the uint8 data set lives and batches are made.
+        seed: seeds the shuffling/augmentation generator (its state is checkpointed).
+        channels_last: return batches in channels_last memory format.
+        mean, std: normalisation; default the data set's per-channel statistics.
+    """
+
+    def __init__(
+        self,
+        ds: ArrayDataset,
+        batch_size: int,
+        train: bool = False,
+        augment: bool = False,
+        pad: int = 4,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        channels_last: bool = False,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        flip: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(ds.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        self.labels = torch.from_numpy(ds.labels).to(self.device)
+        self.batch_size, self.train, self.augment, self.pad, self.flip = batch_size, train, augment, pad, flip
+        self.channels_last = channels_last
+        if mean is None or std is None:
+            f = ds.images.reshape(-1, ds.images.shape[-1]).astype(np.float64) / 255.0
+            mean, std = tuple(f.mean(0)), tuple(f.std(0) + 1e-8)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.generator = torch.Generator().manual_seed(seed)
+        if train and len(self.labels) < batch_size:
+            raise ValueError(f"training set has {len(self.labels)} images, fewer than one batch of {batch_size}")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+    @property
+    def in_chans(self) -> int:
+        return self.images.shape[1]
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def _prepare(self, xb: torch.Tensor) -> torch.Tensor:
+        x = xb.float().div_(255.0)
+        if self.train and self.augment:
+            x = batch_crop_flip(x, self.pad, self.generator, flip=self.flip)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self._prepare(self.images[idx]), self.labels[idx]

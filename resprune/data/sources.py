@@ -1,0 +1,262 @@
+"""Finding, decoding and caching datasets as uint8 arrays.
+
+Supported sources (DESIGN.md §6):
+
+* ``cifar10`` / ``cifar100``: torchvision's on-disk format (``cifar-10-batches-py``,
+  ``cifar-100-python``) or an ImageFolder tree (``train/<class>/*``, ``test/<class>/*``),
+  or a ``.tar.gz`` of such a tree (read straight from the archive);
+* ``mnist``: torchvision's raw idx files (``MNIST/raw/*-ubyte``, optionally ``.gz``);
+* ``imagefolder``: any ``train/<class>``, ``test/<class>`` tree;
+* ``digits``: the 1,797 real 8×8 handwritten digits that ship inside scikit-learn
+  (upsampled to 16×16), the built-in data set: no download, no data folder.
+
+The data folder comes from ``data_dir`` or the ``RESPRUNE_DATA`` environment variable.
+Decoded images are cached as ``.npz`` under ``RESPRUNE_CACHE`` (default
+``~/.cache/resprune``), keyed by a hash of the source files' names, sizes and modification
+times, so a changed source is decoded again.
+
+Images come back as ``uint8`` arrays of shape (N, H, W, C) with int64 labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ArrayDataset", "DatasetNotFound", "load_arrays", "DATASETS", "resolve_data_dir"]
+
+DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "digits")
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DatasetNotFound(FileNotFoundError):
+    """No usable copy of the data set where we looked."""
+
+
+@dataclass
+class ArrayDataset:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    d = data_dir or os.environ.get("RESPRUNE_DATA")
+    return Path(d).expanduser() if d else None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("RESPRUNE_CACHE", Path.home() / ".cache" / "resprune")).expanduser()
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _cached(key: str, build) -> tuple[ArrayDataset, ArrayDataset]:
+    path = _cache_dir() / f"{key}.npz"
+    if path.is_file():
+        try:
+            z = np.load(path, allow_pickle=False)
+            classes = [str(c) for c in z["classes"]]
+            return (ArrayDataset(z["xtr"], z["ytr"], classes), ArrayDataset(z["xte"], z["yte"], classes))
+        except Exception as exc:  # a damaged cache is rebuilt, never trusted
+            logger.warning("ignoring unreadable cache %s: %s", path, exc)
+    tr, te = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, xtr=tr.images, ytr=tr.labels, xte=te.images, yte=te.labels, classes=np.array(tr.classes))
+    os.replace(tmp, path)
+    return tr, te
+
+
+# ----------------------------------------------------------------------------- decoders
+def _decode(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _split_from_entries(entries: list[tuple[str, str, bytes | Path]], classes: list[str]) -> ArrayDataset:
+    idx = {c: i for i, c in enumerate(classes)}
+    imgs, labels = [], []
+    for cls, _, src in entries:
+        data = src.read_bytes() if isinstance(src, Path) else src
+        imgs.append(_decode(data))
+        labels.append(idx[cls])
+    shapes = {im.shape for im in imgs}
+    if len(shapes) != 1:
+        raise ValueError(f"images differ in size ({sorted(shapes)[:3]} ...); resize them first")
+    return ArrayDataset(np.stack(imgs), np.asarray(labels, dtype=np.int64), classes)
+
+
+def _imagefolder(root: Path) -> tuple[ArrayDataset, ArrayDataset]:
+    splits = {}
+    for split in ("train", "test"):
+        d = root / split
+        splits[split] = sorted(
+            (c.name, f.name, f) for c in d.iterdir() if c.is_dir()
+            for f in c.iterdir() if f.suffix.lower() in IMG_EXT
+        )
+        if not splits[split]:
+            raise DatasetNotFound(f"{d}: no images in {d}/<class>/*{IMG_EXT}")
+    classes = sorted({c for c, _, _ in splits["train"]})
+    files = [f for s in splits.values() for _, _, f in s]
+    key = f"imagefolder-{_fingerprint(files)}"
+    return _cached(key, lambda: tuple(_split_from_entries(splits[s], classes) for s in ("train", "test")))
+
+
+def _imagefolder_tar(archive: Path) -> tuple[ArrayDataset, ArrayDataset]:
+    key = f"imagefolder-tar-{_fingerprint([archive])}"
+
+    def build():
+        entries: dict[str, list] = {"train": [], "test": []}
+        with tarfile.open(archive) as tf:
+            for m in tf:
+                parts = Path(m.name).parts
+                if not m.isfile() or Path(m.name).suffix.lower() not in IMG_EXT or len(parts) < 3:
+                    continue
+                split, cls = parts[-3], parts[-2]
+                if split in entries:
+                    entries[split].append((cls, m.name, tf.extractfile(m).read()))
+        if not entries["train"] or not entries["test"]:
+            raise DatasetNotFound(f"{archive}: no train/<class>/* and test/<class>/* images inside")
+        classes = sorted({c for c, _, _ in entries["train"]})
+        return tuple(_split_from_entries(sorted(entries[s]), classes) for s in ("train", "test"))
+
+    return _cached(key, build)
+
+
+def _cifar_pickles(root: Path, hundred: bool) -> tuple[ArrayDataset, ArrayDataset]:
+    def read(name):
+        with open(root / name, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.asarray(d["fine_labels" if hundred else "labels"], dtype=np.int64)
+        return x, y
+
+    if hundred:
+        xtr, ytr = read("train")
+        xte, yte = read("test")
+        with open(root / "meta", "rb") as f:
+            classes = pickle.load(f, encoding="latin1")["fine_label_names"]
+    else:
+        parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+        xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        xte, yte = read("test_batch")
+        with open(root / "batches.meta", "rb") as f:
+            classes = pickle.load(f, encoding="latin1")["label_names"]
+    return ArrayDataset(xtr, ytr, list(classes)), ArrayDataset(xte, yte, list(classes))
+
+
+def _idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: idx file is truncated ({arr.size} of {int(np.prod(dims))} values)")
+    return arr.reshape(dims)
+
+
+def _mnist(raw: Path) -> tuple[ArrayDataset, ArrayDataset]:
+    def find(stem):
+        for suffix in ("", ".gz"):
+            p = raw / f"{stem}{suffix}"
+            if p.is_file():
+                return p
+        raise DatasetNotFound(f"{raw}: missing {stem}")
+
+    out = []
+    for split in ("train", "t10k"):
+        x = _idx(find(f"{split}-images-idx3-ubyte"))[..., None]
+        y = _idx(find(f"{split}-labels-idx1-ubyte")).astype(np.int64)
+        out.append(ArrayDataset(np.ascontiguousarray(x), y, [str(i) for i in range(10)]))
+    return out[0], out[1]
+
+
+def _digits() -> tuple[ArrayDataset, ArrayDataset]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+    x = np.kron(x, np.ones((2, 2), dtype=np.float32))  # 16×16, nearest-neighbour upsampling
+    x = np.round(x * 255).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(y))  # fixed split: 80% train, 20% test
+    n_tr = int(0.8 * len(y))
+    tr, te = perm[:n_tr], perm[n_tr:]
+    classes = [str(i) for i in range(10)]
+    return ArrayDataset(x[tr], y[tr], classes), ArrayDataset(x[te], y[te], classes)
+
+
+# ----------------------------------------------------------------------------- entry
+def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) uint8 arrays of data set ``name`` found under ``data_dir``/RESPRUNE_DATA."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name == "digits":
+        return _digits()
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        raise DatasetNotFound(
+            f"dataset {name!r} needs a data folder: pass --data-dir DIR (or data.data_dir=DIR) "
+            "or set RESPRUNE_DATA; the 'digits' dataset needs none"
+        )
+    if not root.exists():
+        raise DatasetNotFound(f"data folder {root} does not exist (from --data-dir or RESPRUNE_DATA)")
+    looked: list[str] = []
+
+    def candidates(*subs):
+        for s in subs:
+            p = root / s if s else root
+            looked.append(str(p))
+            yield p
+
+    if name in ("cifar10", "cifar100"):
+        hundred = name == "cifar100"
+        tv = "cifar-100-python" if hundred else "cifar-10-batches-py"
+        marker = "train" if hundred else "data_batch_1"
+        for p in candidates(tv, f"{name}/{tv}", ""):
+            if (p / marker).is_file():
+                return _cifar_pickles(p, hundred)
+        for p in candidates(name, ""):
+            if (p / "train").is_dir() and (p / "test").is_dir():
+                return _imagefolder(p)
+        if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+            return _imagefolder_tar(root)
+        what = f"{tv}/{marker} (torchvision format) or train/<class>/ + test/<class>/ (ImageFolder)"
+    elif name == "mnist":
+        for p in candidates("MNIST/raw", "mnist/MNIST/raw", "raw", ""):
+            if any((p / f"train-images-idx3-ubyte{s}").is_file() for s in ("", ".gz")):
+                return _mnist(p)
+        what = "MNIST/raw/train-images-idx3-ubyte (torchvision format)"
+    else:  # imagefolder
+        if root.is_file():
+            return _imagefolder_tar(root)
+        for p in candidates(""):
+            if (p / "train").is_dir() and (p / "test").is_dir():
+                return _imagefolder(p)
+        what = "train/<class>/ and test/<class>/"
+    raise DatasetNotFound(f"no {name} data found: looked for {what} in {', '.join(dict.fromkeys(looked))}")

@@ -1,0 +1,356 @@
+"""The training loop: one loop for sparse training, fine-tuning and layer-parallel engines.
+
+* SGD with momentum / Nesterov; weight decay on conv and linear weights only (never on BN,
+  biases or layer scales: the scales are driven by the L1 term alone).
+* Learning rate per step: linear warm-up, then cosine to 0, step decay, or constant.
+* Loss = cross entropy (optional label smoothing) + ``l1 · Σ|s|`` over removable scales.
+  With ``l1_mode="prox"`` (default) the L1 term is applied as a proximal step after every
+  optimiser step, ``s ← sign(s)·max(|s| − lr·λ/(1−momentum), 0)`` (ISTA; the ``1/(1−β)`` is
+  the step a constant gradient ``λ`` would take under momentum ``β``, so ``λ`` means the same
+  in both modes): scales whose task gradient stays below ``λ`` reach exactly 0, so removing
+  them changes nothing. ``"subgradient"`` adds
+  ``λ·Σ|s|`` to the loss instead, which only makes scales small and oscillating around 0.
+* CUDA: bf16 autocast and channels_last (both switchable), optional ``torch.compile``.
+* A checkpoint after every epoch, written atomically (temporary file, then rename), that
+  ``resume=True`` continues from; a NaN/inf loss stops the run with an error that names the
+  epoch, step and the last good checkpoint (which is never overwritten by a diverged state).
+* TensorBoard scalars (loss, accuracy, lr, scales under the pruning threshold) and the
+  layer-scale histogram; a progress bar on a terminal, one fixed-width row per epoch in logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TrainConfig
+from ..data import DeviceLoader
+from ..serialization import CheckpointError, atomic_save, model_from_payload, model_payload
+from ..sparsity import LayerScaleL1, removable_scales, scale_stats
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "EpochResult", "TrainingDiverged", "evaluate", "select_device", "param_groups"]
+
+CKPT_FORMAT = "resprune-train-state"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lr: float
+    scales_below: int
+    wall_s: float
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, named: list[tuple[str, nn.Parameter]] | None = None
+) -> list[dict]:
+    """Two groups: decayed and not decayed.
+
+    Decayed: conv and linear weights, and the BN affine parameters *inside ResConv layers*:
+    ``s · (γ·x̂ + β)`` is unchanged when ``s`` shrinks and ``γ, β`` grow, so without decay on
+    ``γ, β`` the L1 term on ``s`` could be dodged by rescaling and no scale would reach 0.
+    Not decayed: the layer scales (driven by L1 alone), biases, other BN parameters.
+    ``named`` restricts the groups to those parameters (a layer-parallel rank's own).
+    """
+    from ..layers import ResConv2d
+
+    in_resconv = {id(m.bn.weight) for m in model.modules() if isinstance(m, ResConv2d)}
+    in_resconv |= {id(m.bn.bias) for m in model.modules() if isinstance(m, ResConv2d)}
+    decay, rest = [], []
+    for name, p in (named if named is not None else model.named_parameters()):
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 or id(p) in in_resconv else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        if cfg.schedule == "step":
+            epoch = step / steps_per_epoch
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        return 1.0
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Callable[[torch.Tensor], torch.Tensor], loader: DeviceLoader, bf16: bool = False
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, top-1 accuracy in %) of ``forward`` over ``loader``."""
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+            out = forward(x)
+        out = out.float()
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += len(y)
+    return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+
+
+class _Progress:
+    """tqdm bar on a terminal; nothing per step otherwise (the epoch row is logged)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    """Train ``model`` on ``train_loader``; evaluate on ``test_loader`` after every epoch.
+
+    Args:
+        model: the model (on any device; it is moved to ``cfg.device``).
+        train_loader, test_loader: :class:`~resprune.data.DeviceLoader` on the same device.
+        cfg: optimiser, schedule, L1 and precision settings.
+        run_dir: where ``checkpoints/<stage>.pt`` and ``tb/`` go (None: no files).
+        stage: name of this training stage ("sparse", "finetune") for files and logs.
+        threshold: pruning threshold, for the "scales below threshold" statistic.
+        engine: a layer-parallel engine (``resprune.parallel``); None trains serially.
+        log: where per-epoch rows go (default: ``logger.info``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: DeviceLoader,
+        test_loader: DeviceLoader,
+        cfg: TrainConfig,
+        run_dir: str | Path | None = None,
+        stage: str = "train",
+        threshold: float = 1e-2,
+        engine: Any = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg, self.stage, self.threshold, self.engine = cfg, stage, threshold, engine
+        self.device = train_loader.device
+        self.model = model.to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.is_main = engine is None or engine.rank == 0
+        self.log = log or logger.info
+        self.l1 = LayerScaleL1(cfg.l1)
+        self.prox_scales = [m.scale for _, m in removable_scales(self.model)] if cfg.l1_mode == "prox" else []
+        if engine is not None:  # only the scales this rank owns
+            owned = {id(p) for _, p in engine.local_named_parameters()}
+            self.prox_scales = [s for s in self.prox_scales if id(s) in owned]
+        steps = len(train_loader)
+        if engine is None:
+            self.optimizer = torch.optim.SGD(
+                param_groups(self.model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                nesterov=cfg.nesterov and cfg.momentum > 0,
+            )
+        else:
+            self.optimizer = engine.optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps))
+        self.forward = torch.compile(self.model) if (cfg.compile and self.cuda) else self.model
+        self.history: list[EpochResult] = []
+        self.start_epoch = 0
+        self._tb = None
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_path(self) -> Path | None:
+        return self.run_dir / "checkpoints" / f"{self.stage}.pt" if self.run_dir else None
+
+    def _model_state_owner(self) -> nn.Module | None:
+        if self.engine is None:
+            return self.model
+        sd = self.engine.full_state_dict()
+        if self.is_main:
+            self.model.load_state_dict(sd)
+            return self.model
+        return None
+
+    def save_checkpoint(self, epoch: int) -> None:
+        owner = self._model_state_owner()
+        if not self.is_main or self.ckpt_path is None:
+            return
+        state = {
+            "format": CKPT_FORMAT,
+            "stage": self.stage,
+            "epoch": epoch,
+            "model": model_payload(owner),
+            "optimizer": self.optimizer.state_dict() if self.engine is None else None,
+            "scheduler": self.scheduler.state_dict(),
+            "loader_rng": self.train_loader.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": [asdict(h) for h in self.history],
+            "config": asdict(self.cfg),
+        }
+        atomic_save(state, self.ckpt_path)
+
+    def resume(self) -> bool:
+        """Load ``checkpoints/<stage>.pt`` if present; True when something was resumed."""
+        p = self.ckpt_path
+        if p is None or not p.is_file():
+            return False
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{p}: cannot resume, checkpoint unreadable: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("stage") != self.stage:
+            raise CheckpointError(f"{p}: not a '{self.stage}' training checkpoint of resprune")
+        model = model_from_payload(state["model"], p)
+        if self.engine is None:
+            self.model.load_state_dict(model.state_dict())
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.engine.load_full_state_dict(model.state_dict())
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.generator.set_state(state["loader_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = [EpochResult(**h) for h in state["history"]]
+        self.start_epoch = int(state["epoch"])
+        self.log(f"[{self.stage}] resumed from {p} after epoch {self.start_epoch}")
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _tensorboard(self):
+        if self._tb is None and self.is_main and self.run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb" / self.stage))
+        return self._tb
+
+    def _log_epoch(self, r: EpochResult) -> None:
+        if not self.is_main:
+            return
+        if not self.history or r is self.history[0]:
+            self.log(f"[{self.stage}] {'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'test_loss':>9} "
+                     f"{'test_acc':>8} {'lr':>9} {'|s|<thr':>7} {'time_s':>7}")
+        self.log(f"[{self.stage}] {r.epoch:>5} {r.train_loss:>10.4f} {r.train_acc:>9.2f} {r.test_loss:>9.4f} "
+                 f"{r.test_acc:>8.2f} {r.lr:>9.5f} {r.scales_below:>7} {r.wall_s:>7.1f}")
+        tb = self._tensorboard()
+        if tb is not None:
+            for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "scales_below"):
+                tb.add_scalar(f"{self.stage}/{k}", getattr(r, k), r.epoch)
+            st = scale_stats(self.model, self.threshold)
+            if st.values:
+                tb.add_histogram(f"{self.stage}/layer_scales", torch.tensor(st.values), r.epoch)
+            tb.flush()
+
+    # ------------------------------------------------------------------ training
+    def _prox(self) -> None:
+        if not self.prox_scales or self.cfg.l1 == 0:
+            return
+        shrink = self.optimizer.param_groups[0]["lr"] * self.cfg.l1 / (1.0 - self.cfg.momentum)
+        with torch.no_grad():
+            for s in self.prox_scales:
+                s.copy_(torch.sign(s) * (s.abs() - shrink).clamp_min(0.0))
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        if self.engine is not None:
+            loss = float(self.engine.step(x, y))
+            self._prox()
+            return loss, -1
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.cfg.bf16):
+            out = self.forward(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+        penalty = self.l1(self.model)
+        total = loss if self.prox_scales else loss + penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        if self.prox_scales:
+            self._prox()
+            total = loss + penalty.detach()
+        # one sync per step for the NaN check and accuracy; cheap next to the step on CPU
+        return float(total.detach()), int((out.argmax(1) == y).sum())
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.engine is not None:
+            return self.engine.eval_forward(x)
+        return self.forward(x)
+
+    def fit(self, resume: bool = False) -> list[EpochResult]:
+        if resume:
+            self.resume()
+        for epoch in range(self.start_epoch + 1, self.cfg.epochs + 1):
+            t0 = time.perf_counter()
+            (self.engine or self.model).train()
+            bar = _Progress(len(self.train_loader), f"{self.stage} {epoch}/{self.cfg.epochs}", self.is_main)
+            loss_sum, correct, n = 0.0, 0, 0
+            for i, (x, y) in enumerate(self.train_loader):
+                loss, c = self._step(x, y)
+                if not math.isfinite(loss):
+                    bar.close()
+                    last = self.ckpt_path if self.ckpt_path and self.ckpt_path.is_file() else None
+                    raise TrainingDiverged(
+                        f"[{self.stage}] loss is {loss} at epoch {epoch}, step {i + 1}; "
+                        f"last good checkpoint: {last or 'none'} (untouched). Lower train.lr or train.l1."
+                    )
+                self.scheduler.step()
+                loss_sum += loss * len(y)
+                correct += max(c, 0)
+                n += len(y)
+                bar.update(loss)
+            bar.close()
+            (self.engine or self.model).eval()
+            test_loss, test_acc = evaluate(self.eval_forward, self.test_loader, self.cfg.bf16)
+            r = EpochResult(
+                epoch, loss_sum / n, 100.0 * correct / n if self.engine is None else float("nan"),
+                test_loss, test_acc, self.optimizer.param_groups[0]["lr"],
+                scale_stats(self.model, self.threshold).below if self.engine is None else -1,
+                time.perf_counter() - t0,
+            )
+            self.history.append(r)
+            self._log_epoch(r)
+            self.save_checkpoint(epoch)
+        if self._tb is not None:
+            self._tb.close()
+        return self.history

@@ -1,0 +1,253 @@
+"""The stages of a run, each reading and writing files of a run directory (docs/run-dir.md).
+
+``train`` (sparse training) → ``prune`` → ``finetune`` → ``fuse`` → ``export`` → ``bench`` →
+``report``. Each stage can be run on its own on a run directory that holds the previous
+stage's output; ``run_all`` runs them in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Recipe, recipe_from_dict
+from ..data import DeviceLoader, load_arrays
+from ..fuse import fuse
+from ..models import create_model
+from ..profile import profile
+from ..prune import prune_
+from ..serialization import load, save
+from ..sparsity import scale_stats
+from .loop import Trainer, evaluate, select_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RunDir", "stage_train", "stage_prune", "stage_finetune", "stage_fuse", "run_all", "hardware",
+]
+
+
+def hardware() -> dict[str, Any]:
+    """The machine and software a number was measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class RunDir:
+    """Paths and small JSON files of one run directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def need(self, name: str, producer: str) -> Path:
+        p = self.path / name
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: run `resprune {producer} {self.path}` first")
+        return p
+
+    def recipe(self) -> Recipe:
+        return recipe_from_dict(json.loads(self.need("recipe.json", "run RECIPE --out").read_text()))
+
+    def write_json(self, name: str, data: dict) -> None:
+        p = self.path / name
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2, default=float))
+        os.replace(tmp, p)
+
+    def read_json(self, name: str) -> dict:
+        p = self.path / name
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def update_metrics(self, stage: str, values: dict) -> None:
+        m = self.read_json("metrics.json")
+        m.setdefault("stages", {})[stage] = values
+        m["hardware"] = hardware()
+        self.write_json("metrics.json", m)
+
+
+def _loaders(recipe: Recipe, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
+    d, t = recipe.data, recipe.train
+    tr, te = load_arrays(d.dataset, d.data_dir)
+    cl = device.type == "cuda" and t.channels_last
+    train = DeviceLoader(tr, d.batch_size, train=True, augment=d.augment, pad=d.pad, flip=d.flip,
+                         device=device, seed=t.seed, channels_last=cl)
+    test = DeviceLoader(te, d.eval_batch_size, device=device, channels_last=cl,
+                        mean=tuple(train.mean.flatten().tolist()), std=tuple(train.std.flatten().tolist()))
+    return train, test
+
+
+def _input_size(loader: DeviceLoader) -> tuple[int, ...]:
+    return (1, *loader.images.shape[1:])
+
+
+def _model_stats(model: torch.nn.Module, input_size) -> dict:
+    p = profile(model, input_size)
+    return {"macs": p.macs, "params": p.params}
+
+
+def build_model(recipe: Recipe, train_loader: DeviceLoader) -> torch.nn.Module:
+    kw = dict(recipe.model.kwargs)
+    if train_loader.in_chans != 3 and not recipe.model.name.startswith("tv_"):
+        kw.setdefault("in_chans", train_loader.in_chans)
+    return create_model(recipe.model.name, num_classes=train_loader.num_classes, **kw)
+
+
+def make_engine(model: torch.nn.Module, recipe: Recipe):
+    """The layer-parallel engine a recipe asks for (collective: every rank calls it)."""
+    import torch.nn.functional as F
+
+    from ..parallel import MGRITConfig, create_engine
+    from ..sparsity import LayerScaleL1
+    from .loop import param_groups
+
+    t = recipe.train
+
+    def optimizer_factory(named):
+        groups = param_groups(model, t.weight_decay, list(named))
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out.float(), y, label_smoothing=t.label_smoothing)
+
+    config = None
+    if recipe.engine == "mgrit":
+        opts = dict(recipe.engine_options)
+        opts.setdefault("input_size", tuple(recipe.engine_options.get("input_size", ())) or None)
+        if opts["input_size"] is None:
+            del opts["input_size"]
+        config = MGRITConfig(**opts)
+    # prox mode: the trainer soft-thresholds the owned scales; subgradient: the engine adds it
+    reg = LayerScaleL1(t.l1) if (t.l1 > 0 and t.l1_mode == "subgradient") else None
+    return create_engine(recipe.engine, model, loss_fn, optimizer_factory, config, regularizer=reg)
+
+
+def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=None) -> dict:
+    """Sparse training → ``sparse.pt``."""
+    torch.manual_seed(recipe.train.seed)
+    device = select_device(recipe.train.device)
+    train_l, test_l = _loaders(recipe, device)
+    model = build_model(recipe, train_l)
+    engine = engine_factory(model, recipe) if engine_factory else None
+    t0 = time.perf_counter()
+    trainer = Trainer(model, train_l, test_l, recipe.train, run.path, "sparse",
+                      threshold=recipe.prune.threshold or 1e-2, engine=engine)
+    hist = trainer.fit(resume=resume)
+    if engine is not None:
+        trainer._model_state_owner()  # gather the full weights on rank 0
+        if engine.rank != 0:
+            return {}
+    if hist:
+        test_loss, test_acc = hist[-1].test_loss, hist[-1].test_acc
+    else:
+        test_loss, test_acc = evaluate(trainer.model.eval(), test_l)
+    model = trainer.model.cpu().to(memory_format=torch.contiguous_format)
+    values = {
+        "test_acc": test_acc, "test_loss": test_loss, "epochs": recipe.train.epochs,
+        "wall_s": time.perf_counter() - t0, "history": [h.__dict__ for h in hist],
+        **_model_stats(model, _input_size(train_l)), "device": str(device),
+    }
+    save(model, run / "sparse.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"}})
+    run.update_metrics("sparse", values)
+    return values
+
+
+def stage_prune(recipe: Recipe, run: RunDir) -> dict:
+    """``sparse.pt`` → prune → ``pruned.pt`` and ``prune.json`` (no fine-tuning yet)."""
+    src = run.need("sparse.pt", "train")
+    model = load(src)
+    device = select_device(recipe.train.device)
+    train_l, test_l = _loaders(recipe, device)
+    input_size = _input_size(train_l)
+    thr = recipe.prune.threshold if recipe.prune.threshold is not None else 1e-2
+    stats = scale_stats(model, thr)
+    report = prune_(model, recipe.prune.to_prune_config(input_size))
+    loss, acc = evaluate(model.to(device).eval(), test_l)
+    model = model.cpu()
+    save(model, run / "pruned.pt", extra={"prune": report.to_dict()})
+    run.write_json("prune.json", {**report.to_dict(), "scales": {
+        "names": stats.names, "values": stats.values, "threshold": thr}})
+    values = {"test_acc": acc, "test_loss": loss, "macs": report.macs_after, "params": report.params_after,
+              "removed": len(report.removed), "removed_per_stage": report.removed_per_stage}
+    run.update_metrics("pruned", values)
+    logger.info("[prune] %s; test accuracy %.2f%%", report.summary(), acc)
+    return values
+
+
+def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False) -> dict:
+    """Fine-tune ``pruned.pt`` in place (skipped when ``finetune.epochs == 0``)."""
+    if recipe.finetune.epochs == 0:
+        logger.info("[finetune] skipped (finetune.epochs = 0)")
+        return {}
+    src = run.need("pruned.pt", "prune")
+    torch.manual_seed(recipe.finetune.seed)
+    device = select_device(recipe.finetune.device)
+    train_l, test_l = _loaders(recipe, device)
+    model = load(src)
+    t0 = time.perf_counter()
+    trainer = Trainer(model, train_l, test_l, recipe.finetune, run.path, "finetune",
+                      threshold=recipe.prune.threshold or 1e-2)
+    hist = trainer.fit(resume=resume)
+    model = trainer.model.cpu().to(memory_format=torch.contiguous_format)
+    values = {"test_acc": hist[-1].test_acc, "test_loss": hist[-1].test_loss,
+              "epochs": recipe.finetune.epochs, "wall_s": time.perf_counter() - t0,
+              "history": [h.__dict__ for h in hist], **_model_stats(model, _input_size(train_l))}
+    save(model, run / "pruned.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"}})
+    run.update_metrics("finetuned", values)
+    return values
+
+
+def stage_fuse(recipe: Recipe, run: RunDir) -> dict:
+    """``pruned.pt`` → ``fused.pt``; ``sparse.pt`` → ``fused_unpruned.pt``; accuracies checked."""
+    out = {}
+    device = select_device(recipe.train.device)
+    train_l, test_l = _loaders(recipe, device)
+    for src, dst, key in (("sparse.pt", "fused_unpruned.pt", "unpruned_fused"), ("pruned.pt", "fused.pt", "fused")):
+        model = load(run.need(src, "train" if src == "sparse.pt" else "prune")).to(device).eval()
+        loss, acc = evaluate(model, test_l)
+        fused = fuse(model)
+        floss, facc = evaluate(fused, test_l)
+        if abs(facc - acc) > 0.05:  # fusion is exact to float rounding: ≤ 1 flipped image in 2000
+            raise RuntimeError(f"fused model disagrees with {src}: accuracy {facc:.2f}% vs {acc:.2f}%")
+        save(fused.cpu(), run / dst)
+        out[key] = {"test_acc": facc, "test_loss": floss, "source_acc": acc,
+                    **_model_stats(fused.cpu(), _input_size(train_l))}
+        run.update_metrics(key, out[key])
+    return out
+
+
+def run_all(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=None) -> None:
+    """Every stage in order; export/bench/report when the recipe asks for them."""
+    from .. import report as report_mod  # late: report imports onnx tooling
+
+    stage_train(recipe, run, resume=resume, engine_factory=engine_factory)
+    stage_prune(recipe, run)
+    stage_finetune(recipe, run, resume=resume)
+    stage_fuse(recipe, run)
+    if recipe.export.onnx:
+        report_mod.export_run_dir(run.path, opset=recipe.export.opset)
+        if recipe.export.bench:
+            report_mod.bench_run_dir(
+                run.path, batches=list(recipe.export.bench_batches), runs=recipe.export.bench_runs,
+                warmup=recipe.export.bench_warmup, threads=recipe.export.bench_threads,
+            )
+    report_mod.write_report([run.path], run.path)
