@@ -111,6 +111,8 @@ def _prepare_run_dir(args: argparse.Namespace, recipe):
     from .train.pipeline import RunDir
 
     out = args.out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not _is_main():  # torchrun ranks > 0 only read; rank 0 owns the directory
+        return RunDir(out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"run directory {out} exists and is not empty: pass --resume to continue it, "
                               "or choose another --out (nothing was overwritten)")
@@ -120,8 +122,7 @@ def _prepare_run_dir(args: argparse.Namespace, recipe):
         old = run.recipe()
         if old != recipe:
             raise ValueError(f"--resume: the recipe differs from {out}/recipe.json; resume with the same recipe")
-    if _is_main():
-        run.write_json("recipe.json", recipe.to_dict())
+    run.write_json("recipe.json", recipe.to_dict())
     return run
 
 

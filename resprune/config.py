@@ -221,8 +221,13 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
             raise RecipeError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) == 1:
-            if parts[0] not in d or isinstance(d[parts[0]], dict):
+        if parts[0] == "engine_options" and len(parts) <= 2:  # free-form; the engine validates it
+            if len(parts) == 1:
+                d["engine_options"] = _parse_value(raw)
+            else:
+                d["engine_options"][parts[1]] = _parse_value(raw)
+        elif len(parts) == 1:
+            if parts[0] not in d or parts[0] in SECTIONS:
                 raise RecipeError(f"unknown recipe key {key!r}; top-level keys: engine, engine_options, name, nproc; "
                                   f"sections: {', '.join(SECTIONS)}")
             d[parts[0]] = _parse_value(raw)

@@ -273,8 +273,10 @@ class Trainer:
         if not self.history or r is self.history[0]:
             self.log(f"[{self.stage}] {'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'test_loss':>9} "
                      f"{'test_acc':>8} {'lr':>9} {'|s|<thr':>7} {'time_s':>7}")
-        self.log(f"[{self.stage}] {r.epoch:>5} {r.train_loss:>10.4f} {r.train_acc:>9.2f} {r.test_loss:>9.4f} "
-                 f"{r.test_acc:>8.2f} {r.lr:>9.5f} {r.scales_below:>7} {r.wall_s:>7.1f}")
+        acc = f"{r.train_acc:>9.2f}" if math.isfinite(r.train_acc) else f"{'-':>9}"  # engines: not tracked
+        below = f"{r.scales_below:>7}" if r.scales_below >= 0 else f"{'-':>7}"
+        self.log(f"[{self.stage}] {r.epoch:>5} {r.train_loss:>10.4f} {acc} {r.test_loss:>9.4f} "
+                 f"{r.test_acc:>8.2f} {r.lr:>9.5f} {below} {r.wall_s:>7.1f}")
         tb = self._tensorboard()
         if tb is not None:
             for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "scales_below"):

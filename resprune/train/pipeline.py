@@ -112,7 +112,7 @@ def build_model(recipe: Recipe, train_loader: DeviceLoader) -> torch.nn.Module:
     return create_model(recipe.model.name, num_classes=train_loader.num_classes, **kw)
 
 
-def make_engine(model: torch.nn.Module, recipe: Recipe):
+def make_engine(model: torch.nn.Module, recipe: Recipe, input_size: tuple[int, ...] | None = None):
     """The layer-parallel engine a recipe asks for (collective: every rank calls it)."""
     import torch.nn.functional as F
 
@@ -132,9 +132,9 @@ def make_engine(model: torch.nn.Module, recipe: Recipe):
     config = None
     if recipe.engine == "mgrit":
         opts = dict(recipe.engine_options)
-        opts.setdefault("input_size", tuple(recipe.engine_options.get("input_size", ())) or None)
-        if opts["input_size"] is None:
-            del opts["input_size"]
+        if input_size is not None:
+            opts.setdefault("input_size", tuple(input_size))
+        opts["input_size"] = tuple(opts.get("input_size", (1, 3, 32, 32)))
         config = MGRITConfig(**opts)
     # prox mode: the trainer soft-thresholds the owned scales; subgradient: the engine adds it
     reg = LayerScaleL1(t.l1) if (t.l1 > 0 and t.l1_mode == "subgradient") else None
@@ -147,7 +147,7 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
     device = select_device(recipe.train.device)
     train_l, test_l = _loaders(recipe, device)
     model = build_model(recipe, train_l)
-    engine = engine_factory(model, recipe) if engine_factory else None
+    engine = engine_factory(model, recipe, _input_size(train_l)) if engine_factory else None
     t0 = time.perf_counter()
     trainer = Trainer(model, train_l, test_l, recipe.train, run.path, "sparse",
                       threshold=recipe.prune.threshold or 1e-2, engine=engine)
