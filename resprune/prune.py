@@ -26,7 +26,7 @@ Example:
     >>> import torch, resprune as rp
     >>> m = rp.create_model("resnet20")
     >>> with torch.no_grad():
-    ...     m.layer1[1].conv2.scale.zero_()
+    ...     _ = m.layer1[1].conv2.scale.zero_()
     >>> rep = rp.prune_(m, rp.PruneConfig(threshold=1e-2))
     >>> rep.removed
     ['layer1.1.conv2']

@@ -1,0 +1,29 @@
+"""The README's Python example and the docstring examples of the public modules run."""
+
+import doctest
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_example_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README has no python example"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("mod", [
+    "resprune", "resprune.layers", "resprune.models.registry", "resprune.models.convert",
+    "resprune.sparsity", "resprune.prune", "resprune.fuse", "resprune.profile",
+    "resprune.serialization", "resprune.config", "resprune.data.loader",
+])
+def test_docstring_examples(mod):
+    m = importlib.import_module(mod)
+    res = doctest.testmod(m, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0
