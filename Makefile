@@ -26,7 +26,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not dist"
 
 demo: venv
-	$(BIN)/python -m resprune.demo
+	$(BIN)/resprune run quickstart
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
