@@ -1,0 +1,79 @@
+"""Imports flow one way (DESIGN.md §2): cli → train/parallel → prune/fuse/profile/onnx →
+models → layers; nothing imports cli; export/ and resprune.qmc stand alone."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "resprune"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the resprune modules a file imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    me = _module_name(path).split(".")
+    pkg = me if path.name == "__init__.py" else me[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[: len(pkg) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+                out.add(mod)
+                out |= {f"{mod}.{a.name}" for a in node.names}
+            elif node.module:
+                out.add(node.module)
+    return {m for m in out if m == "resprune" or m.startswith("resprune.")}
+
+
+FILES = sorted(PKG.rglob("*.py"))
+CORE = ("layers", "models", "sparsity", "profile", "prune", "fuse", "onnx", "serialization")
+UPPER = ("resprune.train", "resprune.parallel", "resprune.report", "resprune.cli", "resprune.config",
+         "resprune.plots")
+
+
+def _top(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_import_direction(path):
+    me = _module_name(path)
+    imps = _imports(path)
+    if me != "resprune.__main__":
+        assert not any(i.startswith("resprune.cli") for i in imps) or me == "resprune.cli", me
+    top = _top(me)
+    if top == "layers":
+        assert not imps - {"resprune"}, imps
+    if top in CORE:
+        bad = {i for i in imps if i.startswith(UPPER)}
+        assert not bad, f"{me} (core) imports {bad}"
+    if top == "models":
+        bad = {i for i in imps if _top(i) in ("prune", "fuse", "profile", "onnx", "serialization", "sparsity")}
+        assert not bad, f"{me} imports {bad}"
+    if top in ("qmc", "data"):
+        bad = {i for i in imps if _top(i) != top}
+        assert not bad, f"{me} must stand alone, imports {bad}"
+
+
+def test_export_tool_imports_nothing_from_resprune():
+    for path in (ROOT / "export").rglob("*.py"):
+        assert not _imports(path), path
+
+
+def test_modules_stay_small():
+    big = [(str(p.relative_to(ROOT)), n) for p in FILES if (n := len(p.read_text().splitlines())) > 700]
+    assert not big, f"modules over 700 lines (DESIGN asks for ~600): {big}"
