@@ -44,6 +44,12 @@ def _data(data_dir: str | None, n: int) -> tuple[ArrayDataset, str]:
                         rng.integers(0, 10, n).astype(np.int64), [str(i) for i in range(10)]), "random uint8 images"
 
 
+def _cycle(loader):
+    """Batches forever, restarting the loader at the end of each pass."""
+    while True:
+        yield from loader
+
+
 def eager_runner(ds: ArrayDataset, model: torch.nn.Module, batch: int, device, bf16_cl: bool):
     import torchvision.transforms as T
     from PIL import Image
@@ -64,15 +70,10 @@ def eager_runner(ds: ArrayDataset, model: torch.nn.Module, batch: int, device, b
     if bf16_cl:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    it = iter(loader)
+    it = _cycle(loader)
 
     def step():
-        nonlocal it
-        try:
-            x, y = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, y = next(it)
+        x, y = next(it)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if bf16_cl:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -90,16 +91,10 @@ def resprune_runner(ds: ArrayDataset, model: torch.nn.Module, batch: int, device
     loader = DeviceLoader(ds, batch, train=True, augment=True, device=device,
                           channels_last=device.type == "cuda")
     trainer = Trainer(model, loader, loader, cfg, None, "bench", log=lambda s: None)
-    it = iter(loader)
+    it = _cycle(loader)
 
     def step():
-        nonlocal it
-        try:
-            x, y = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, y = next(it)
-        trainer._step(x, y)
+        trainer._step(*next(it))
 
     return step
 

@@ -142,8 +142,11 @@ class ConvBN2d(nn.Module):
         return _make_conv(self.conv, *self.equivalent_kernel_bias())
 
 
-class ResConv2d(nn.Module):
+class ResConv2d(ConvBN2d):
     """A convolution with its own shortcut and a trainable layer scale.
+
+    ``ConvBN2d`` plus the scale ``s`` and the shortcut ``P``:
+    ``y = act(s · BN(W ∗ x) + P(x))``.
 
     Args:
         in_channels: input channels.
@@ -172,14 +175,8 @@ class ResConv2d(nn.Module):
         shortcut: bool = True,
         bias: bool = False,
     ) -> None:
-        super().__init__()
-        _check_conv_args(kernel_size, stride)
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=bias
-        )
-        self.bn = nn.BatchNorm2d(out_channels)
+        super().__init__(in_channels, out_channels, kernel_size, stride, act, bias)
         self.scale = nn.Parameter(torch.ones(()))
-        self.act = act
         self.shortcut = shortcut
 
     @property
@@ -205,21 +202,14 @@ class ResConv2d(nn.Module):
 
     def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable (kernel, bias) of one conv equal to the eval-mode block before act."""
-        t, shift = _bn_factors(self.bn)
-        w = self.conv.weight
-        w_eq = self.scale * t.reshape(-1, 1, 1, 1) * w
-        c = self.conv.bias if self.conv.bias is not None else 0.0
-        b_eq = self.scale * (shift + c * t)
+        w, b = super().equivalent_kernel_bias()
+        w_eq, b_eq = self.scale * w, self.scale * b
         if self.shortcut:
             w_eq = w_eq + dirac_kernel(
                 self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size[0],
                 dtype=w.dtype, device=w.device,
             )
         return w_eq, b_eq
-
-    def fuse(self) -> nn.Conv2d:
-        """One nn.Conv2d equal to the eval-mode block without its activation."""
-        return _make_conv(self.conv, *self.equivalent_kernel_bias())
 
     def extra_repr(self) -> str:
         return f"act={self.act}, shortcut={self.shortcut}"
