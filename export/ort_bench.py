@@ -326,12 +326,12 @@ def run(args: argparse.Namespace) -> dict:
     for path, name in zip(args.models, names):
         models.append({"name": name, "path": str(path), "sha256": sha256_file(path),
                        "bytes": Path(path).stat().st_size})
+    sessions = [make_session(m["path"], args.threads, args.providers, args.opt_level) for m in models]
     memory: dict = {}
-    if not args.no_memory:
+    if not args.no_memory:  # idle sessions here hold memory but no CPU while the children run
         for b in args.batch:
             for mdl in models:
                 memory[(mdl["name"], b)] = measure_memory(script, mdl["path"], b, args)
-    sessions = [make_session(m["path"], args.threads, args.providers, args.opt_level) for m in models]
     for m, s in zip(models, sessions):
         m["providers_used"] = s.get_providers()
         m["inputs"] = [{"name": i.name, "shape": [d if isinstance(d, int) else str(d) for d in i.shape],

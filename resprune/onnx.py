@@ -29,7 +29,9 @@ supported graph wins over the seconds.
 Example:
     >>> import resprune as rp  # doctest: +SKIP
     >>> info = rp.export_onnx(rp.fuse(rp.create_model("resnet20")), "r20.onnx", (1, 3, 32, 32))
-    >>> info["max_abs_diff"] <= 1e-4
+    >>> info["check"]["max_abs_diff"] <= 1e-4, sorted(info["op_types"])
+    (True, ['Add', 'Conv', 'Gemm', 'MaxPool', 'Pad', 'ReduceMean', 'Relu', 'Reshape'])
+    >>> rp.onnx.verify_onnx("r20.onnx")["functional"]  # sha256 + fingerprint from r20.json
     True
 """
 

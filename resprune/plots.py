@@ -38,14 +38,16 @@ def plot_scales(run: dict, path: str | os.PathLike) -> Path:
     names, values = sc["names"], [abs(v) for v in sc["values"]]
     removed = set(run["removed"])
     nonzero = [v for v in values if v > 0]
-    floor = (min(nonzero) / 10 if nonzero else 1e-6)
+    thr = sc.get("threshold")
+    floor = min(nonzero + ([thr] if thr else []) + [1.0]) / 10  # zeros drawn a decade below
+    if nonzero and min(nonzero) <= floor:
+        floor = min(nonzero) / 10
     shown = [max(v, floor) for v in values]
-    fig = _figure(max(7.0, min(18.0, 0.16 * len(names) + 3)), 4.2)
+    fig = _figure(max(8.5, min(20.0, 0.16 * len(names) + 4.5)), 4.4)
     ax = fig.add_subplot()
     colors = [REMOVED if n in removed else KEPT for n in names]
     ax.bar(range(len(names)), shown, color=colors, width=0.8)
     ax.set_yscale("log")
-    thr = sc.get("threshold")
     if thr:
         ax.axhline(thr, color="k", ls="--", lw=1, label=f"pruning threshold {thr:g}")
     elif run.get("max_removed_scale"):
@@ -72,9 +74,9 @@ def plot_scales(run: dict, path: str | os.PathLike) -> Path:
     handles = [Patch(color=REMOVED, label=f"removed ({len(removed)})"),
                Patch(color=KEPT, label=f"kept ({len(names) - len(removed & set(names))})")]
     h2, _ = ax.get_legend_handles_labels()
-    ax.legend(handles=handles + h2, fontsize=8, loc="lower right")
-    if nonzero != values:
-        ax.text(0.01, 0.02, f"|s| = 0 drawn at {floor:.1g}", transform=ax.transAxes, fontsize=7, color="0.3")
+    if len(nonzero) != len(values):
+        h2.append(Patch(color="none", label=f"|s| = 0 drawn at {floor:.1g}"))
+    ax.legend(handles=handles + h2, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{run['name']}: layer scales and pruning", pad=16)
     return _save(fig, path)
 

@@ -37,7 +37,8 @@ def make_run_dir(d, acc=(91.8, 91.5)):
         for n in ZEROED:
             m.get_submodule(n).scale.zero_()
     d.mkdir(parents=True, exist_ok=True)
-    (d / "recipe.json").write_text(json.dumps({"model": "resnet20", "prune": {"threshold": 1e-2}}))
+    (d / "recipe.json").write_text(json.dumps({"model": {"name": "resnet20"}, "data": {"dataset": "cifar10"},
+                                              "prune": {"threshold": 1e-2}}))
     rp.save(m, d / "sparse.pt")
     rp.save(rp.fuse(m), d / "fused_unpruned.pt")
     st = rp.scale_stats(m, threshold=1e-2)
@@ -61,7 +62,7 @@ def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs") / "r20-test"
     rep = make_run_dir(d)
     export_run_dir(d)
-    bench_run_dir(d, batches=(1, 4), runs=5, warmup=1, threads=1, quiet=True)
+    bench_run_dir(d, batches=(1, 4), runs=5, warmup=1, threads=1, memory=False, quiet=True)  # memory: test_ort_bench
     return d, rep
 
 
@@ -76,7 +77,7 @@ def test_export_run_dir_writes_verified_onnx_with_source_hash(run_dir):
     assert sorted(p.name for p in (d / "onnx").iterdir()) == ["pruned.json", "pruned.onnx", "unpruned.json",
                                                              "unpruned.onnx"]  # no .data side files
     side = json.loads((d / "onnx" / "pruned.json").read_text())
-    assert side["macs_per_sample"] == rep.macs_after
+    assert side["macs_per_sample"] == rep.macs_after and side["input_shape"] == ["batch", 3, 32, 32]
 
 
 def test_bench_json(run_dir):
@@ -100,6 +101,7 @@ def test_report_files_plots_and_numbers(run_dir):
     assert run["units_per_stage"] == {"layer1": 6, "layer2": 5, "layer3": 5}  # stride-2 conv1s are not removable
     assert set(run["latency"]) == {"1", "4"} and all(v["ratio"] > 0 for v in run["latency"].values())
     assert run["before"]["stage"] == "sparse" and run["after"]["stage"] == "finetuned"
+    assert run["model"] == "resnet20"
     assert run["acc_delta_pt"] == pytest.approx(-0.3)
     assert "| MACs (M) |" in md and "latency, batch 4" in md
     pngs = sorted((d / "plots").glob("*.png"))
