@@ -120,3 +120,27 @@ def test_interlaced_net_integrates_with_order_two() -> None:
     """
     assert _rate("sobol") < 1.3
     assert _rate("interlaced2") > 1.8
+
+
+def test_qmc_integrates_the_smooth_function_faster_than_mc() -> None:
+    """Mean of f(y) = 1/(1 + 1/2 sum j^-2.5 y_j), d = 50 (the loss of a constant surrogate).
+
+    RMS error over 8 randomisations, N = 2^4..2^12, reference from 2^16 scrambled Sobol' points.
+    Measured rates: MC 0.42, scrambled Sobol' 1.66, scrambled order-2 net 1.61.
+    Tolerances: QMC > 1.2, MC < 0.8.
+    """
+    from resprune.qmc.problems import create_problem
+
+    f = create_problem("smooth50")
+    ref = f(generate_points(PointSetConfig("sobol-scrambled", dim=50, seed=100), 2**16)).mean()
+    ms = np.arange(4, 13)
+    rates = {}
+    for kind in ("mc", "sobol-scrambled", "interlaced2-scrambled"):
+        err = []
+        for seed in range(8):
+            v = f(generate_points(PointSetConfig(kind, dim=50, seed=seed), 2**12))
+            err.append([v[: 2**m].mean() - ref for m in ms])
+        rms = np.sqrt(np.mean(np.square(err), axis=0))
+        rates[kind] = -np.polyfit(ms * np.log(2), np.log(rms), 1)[0]
+    assert rates["mc"] < 0.8, rates
+    assert rates["sobol-scrambled"] > 1.2 and rates["interlaced2-scrambled"] > 1.2, rates
