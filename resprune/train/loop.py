@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Trainer", "EpochResult", "TrainingDiverged", "evaluate", "select_device", "param_groups"]
 
 CKPT_FORMAT = "resprune-train-state"
+CHECK_EVERY = 50  # steps between NaN checks (each one waits for the device)
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,9 +137,9 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
-    def update(self, loss: float) -> None:
+    def update(self, loss: float, done: int) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     def close(self) -> None:
@@ -295,11 +296,12 @@ class Trainer:
             for s in self.prox_scales:
                 s.copy_(torch.sign(s) * (s.abs() - shrink).clamp_min(0.0))
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimiser step; returns (loss, correct) as tensors, without a device sync."""
         if self.engine is not None:
-            loss = float(self.engine.step(x, y))
+            loss = torch.tensor(float(self.engine.step(x, y)))
             self._prox()
-            return loss, -1
+            return loss, None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.cfg.bf16):
             out = self.forward(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
@@ -310,9 +312,8 @@ class Trainer:
         self.optimizer.step()
         if self.prox_scales:
             self._prox()
-            total = loss + penalty.detach()
-        # one sync per step for the NaN check and accuracy; cheap next to the step on CPU
-        return float(total.detach()), int((out.argmax(1) == y).sum())
+            total = loss + penalty
+        return total.detach(), (out.argmax(1) == y).sum()
 
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine is not None:
@@ -326,26 +327,33 @@ class Trainer:
             t0 = time.perf_counter()
             (self.engine or self.model).train()
             bar = _Progress(len(self.train_loader), f"{self.stage} {epoch}/{self.cfg.epochs}", self.is_main)
-            loss_sum, correct, n = 0.0, 0, 0
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)
+            n, steps = 0, len(self.train_loader)
             for i, (x, y) in enumerate(self.train_loader):
                 loss, c = self._step(x, y)
-                if not math.isfinite(loss):
-                    bar.close()
-                    last = self.ckpt_path if self.ckpt_path and self.ckpt_path.is_file() else None
-                    raise TrainingDiverged(
-                        f"[{self.stage}] loss is {loss} at epoch {epoch}, step {i + 1}; "
-                        f"last good checkpoint: {last or 'none'} (untouched). Lower train.lr or train.l1."
-                    )
                 self.scheduler.step()
-                loss_sum += loss * len(y)
-                correct += max(c, 0)
+                loss_sum += loss.to(self.device) * len(y)
+                if c is not None:
+                    correct += c
                 n += len(y)
-                bar.update(loss)
+                # sync with the device only every CHECK_EVERY steps (and on a terminal's bar)
+                if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps or bar.bar is not None:
+                    value = float(loss)
+                    if not math.isfinite(value) or not math.isfinite(float(loss_sum)):
+                        bar.close()
+                        last = self.ckpt_path if self.ckpt_path and self.ckpt_path.is_file() else None
+                        raise TrainingDiverged(
+                            f"[{self.stage}] loss is {value} at epoch {epoch}, step {i + 1} "
+                            f"(checked every {CHECK_EVERY} steps); last good checkpoint: {last or 'none'} "
+                            "(untouched). Lower train.lr or train.l1."
+                        )
+                    bar.update(value, i + 1)
             bar.close()
             (self.engine or self.model).eval()
             test_loss, test_acc = evaluate(self.eval_forward, self.test_loader, self.cfg.bf16)
             r = EpochResult(
-                epoch, loss_sum / n, 100.0 * correct / n if self.engine is None else float("nan"),
+                epoch, float(loss_sum) / n, 100.0 * int(correct) / n if self.engine is None else float("nan"),
                 test_loss, test_acc, self.optimizer.param_groups[0]["lr"],
                 scale_stats(self.model, self.threshold).below if self.engine is None else -1,
                 time.perf_counter() - t0,
