@@ -59,10 +59,14 @@ class DataConfig:
     augment: bool = True
     pad: int = 4
     flip: bool = True
+    train_limit: int | None = None  # use a fixed random subset of this many training images
 
     def __post_init__(self) -> None:
         from .data import DATASETS
 
+        if self.train_limit is not None and (isinstance(self.train_limit, bool) or not isinstance(self.train_limit, int)
+                                             or self.train_limit < 1):
+            raise RecipeError(f"data.train_limit must be an int >= 1 or null, got {self.train_limit!r}")
         if self.dataset not in DATASETS:
             raise RecipeError(f"data.dataset={self.dataset!r} is unknown; known: {', '.join(DATASETS)}")
         for k in ("batch_size", "eval_batch_size"):

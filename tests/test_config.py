@@ -37,6 +37,7 @@ def test_overrides():
     ("prune.threshold=0", "threshold"),
     ("engine=magic", "engine"),
     ("nproc=0", "nproc"),
+    ("data.train_limit=0", "train_limit"),
 ])
 def test_bad_overrides(item, match):
     with pytest.raises(RecipeError, match=match):

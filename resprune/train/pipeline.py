@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import Recipe, recipe_from_dict
-from ..data import DeviceLoader, load_arrays
+from ..data import ArrayDataset, DeviceLoader, load_arrays
 from ..fuse import fuse
 from ..models import create_model
 from ..profile import profile
@@ -88,6 +89,9 @@ class RunDir:
 def _loaders(recipe: Recipe, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
     d, t = recipe.data, recipe.train
     tr, te = load_arrays(d.dataset, d.data_dir)
+    if d.train_limit is not None and d.train_limit < len(tr):
+        keep = np.sort(np.random.default_rng(0).permutation(len(tr))[: d.train_limit])
+        tr = ArrayDataset(tr.images[keep], tr.labels[keep], tr.classes)
     cl = device.type == "cuda" and t.channels_last
     train = DeviceLoader(tr, d.batch_size, train=True, augment=d.augment, pad=d.pad, flip=d.flip,
                          device=device, seed=t.seed, channels_last=cl)
