@@ -29,14 +29,14 @@ __all__ = [
     "__version__", "ResConv2d", "ConvBN2d", "OptionAShortcut", "create_model", "list_models",
     "register_model", "convert_", "conversion_plan", "LayerScaleL1", "scale_stats",
     "PruneConfig", "PruneReport", "prune_", "fuse", "fuse_", "profile", "Profile",
-    "save", "load", "CheckpointError",
+    "save", "load", "CheckpointError", "export_onnx", "verify_onnx",
 ]
 
 
 def __getattr__(name: str):
     # export_onnx lives in resprune.onnx (imports onnx lazily so `import resprune` stays light)
-    if name == "export_onnx":
-        from .onnx import export_onnx
+    if name in ("export_onnx", "verify_onnx"):
+        from . import onnx
 
-        return export_onnx
+        return getattr(onnx, name)
     raise AttributeError(f"module 'resprune' has no attribute {name!r}")

@@ -170,7 +170,8 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
         "wall_s": time.perf_counter() - t0, "history": [h.__dict__ for h in hist],
         **_model_stats(model, _input_size(train_l)), "device": str(device),
     }
-    save(model, run / "sparse.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"}})
+    save(model, run / "sparse.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"},
+                                          "input_size": list(_input_size(train_l))})
     run.update_metrics("sparse", values)
     return values
 
@@ -187,7 +188,7 @@ def stage_prune(recipe: Recipe, run: RunDir) -> dict:
     report = prune_(model, recipe.prune.to_prune_config(input_size))
     loss, acc = evaluate(model.to(device).eval(), test_l)
     model = model.cpu()
-    save(model, run / "pruned.pt", extra={"prune": report.to_dict()})
+    save(model, run / "pruned.pt", extra={"prune": report.to_dict(), "input_size": list(input_size)})
     run.write_json("prune.json", {**report.to_dict(), "scales": {
         "names": stats.names, "values": stats.values, "threshold": thr}})
     values = {"test_acc": acc, "test_loss": loss, "macs": report.macs_after, "params": report.params_after,
@@ -215,7 +216,8 @@ def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False) -> dict:
     values = {"test_acc": hist[-1].test_acc, "test_loss": hist[-1].test_loss,
               "epochs": recipe.finetune.epochs, "wall_s": time.perf_counter() - t0,
               "history": [h.__dict__ for h in hist], **_model_stats(model, _input_size(train_l))}
-    save(model, run / "pruned.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"}})
+    save(model, run / "pruned.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"},
+                                          "input_size": list(_input_size(train_l))})
     run.update_metrics("finetuned", values)
     return values
 
@@ -232,7 +234,7 @@ def stage_fuse(recipe: Recipe, run: RunDir) -> dict:
         floss, facc = evaluate(fused, test_l)
         if abs(facc - acc) > 0.05:  # fusion is exact to float rounding: ≤ 1 flipped image in 2000
             raise RuntimeError(f"fused model disagrees with {src}: accuracy {facc:.2f}% vs {acc:.2f}%")
-        save(fused.cpu(), run / dst)
+        save(fused.cpu(), run / dst, extra={"input_size": list(_input_size(train_l))})
         out[key] = {"test_acc": facc, "test_loss": floss, "source_acc": acc,
                     **_model_stats(fused.cpu(), _input_size(train_l))}
         run.update_metrics(key, out[key])
@@ -254,4 +256,4 @@ def run_all(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=No
                 run.path, batches=list(recipe.export.bench_batches), runs=recipe.export.bench_runs,
                 warmup=recipe.export.bench_warmup, threads=recipe.export.bench_threads,
             )
-    report_mod.write_report([run.path], run.path)
+    report_mod.write_report([run.path], run.path, latency=recipe.export.onnx and recipe.export.bench)
