@@ -82,12 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list recipes")
     p.set_defaults(func=cmd_recipes)
 
-    try:  # TEMP until resprune/qmc/cli.py lands
-        from .qmc.cli import add_subparser as add_qmc
+    from .qmc.cli import add_subparser as add_qmc
 
-        add_qmc(sub)
-    except ImportError:
-        pass
+    add_qmc(sub)
     return parser
 
 
