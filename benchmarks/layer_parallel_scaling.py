@@ -30,30 +30,16 @@ import sys
 import time
 
 import torch
+
 import torch.nn.functional as F
 from torch import nn
 
+import resprune as rp
 
-class DeepChain(nn.Module):
-    """stem (3→C) → N ResConv2d(C, C) → avgpool + linear."""
 
-    def __init__(self, n: int = 256, width: int = 16, classes: int = 10, horizon: float = 2.0) -> None:
-        super().__init__()
-        import resprune as rp
-
-        self.stem = rp.ConvBN2d(3, width, 3)
-        self.blocks = nn.Sequential(*[rp.ResConv2d(width, width) for _ in range(n)])
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
-        with torch.no_grad():
-            for m in self.blocks:
-                m.scale.fill_(horizon / n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-    def layer_sequence(self):
-        return ([("stem", self.stem)] + [(f"blocks.{i}", m) for i, m in enumerate(self.blocks)]
-                + [("head", self.head)])
+def chain(a: argparse.Namespace) -> nn.Module:
+    """The benchmark's net: a deep ResConv chain with layer scales horizon / depth."""
+    return rp.create_model("resconv_chain", depth=a.layers, width=a.width, horizon=2.0)
 
 
 def worker(a: argparse.Namespace) -> int:
@@ -65,7 +51,7 @@ def worker(a: argparse.Namespace) -> int:
     rank, world, _, _ = init_distributed(timeout_s=600)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = DeepChain(a.layers, a.width)
+    model = chain(a)
     x = torch.randn(a.batch, 3, 32, 32)
     y = torch.randint(0, 10, (a.batch,))
 
@@ -105,13 +91,13 @@ def worker(a: argparse.Namespace) -> int:
         res["hop_s"] = statistics.median(hops[5:])
     if world == 1:
         res["serial"] = timed(create_engine("serial", model, F.cross_entropy, sgd), a.steps)
-        model = DeepChain(a.layers, a.width)
+        model = chain(a)
     cfg = MGRITConfig(cf=a.cf, levels=a.levels, mode="simultaneous", fwd_iters=1, bwd_iters=1)
     res["simultaneous"] = timed(create_engine("mgrit", model, F.cross_entropy, sgd, cfg), a.steps)
     if world in a.converged_at:
         torch.manual_seed(0)
         ccfg = MGRITConfig(cf=a.cf, levels=a.levels, mode="converged", fwd_iters=60, bwd_iters=60, tol=1e-6)
-        eng = create_engine("mgrit", DeepChain(a.layers, a.width), F.cross_entropy, sgd, ccfg)
+        eng = create_engine("mgrit", chain(a), F.cross_entropy, sgd, ccfg)
         res["converged"] = timed(eng, 1)
     if rank == 0:
         print("BENCH " + json.dumps(res), flush=True)
@@ -196,7 +182,7 @@ def main() -> int:
         "# Layer-parallel scaling: mgrit vs serial", "",
         f"- Date: {started}; hardware: {cpu}; {cores} cores visible",
         f"- Versions: torch {torch.__version__}, Python {platform.python_version()}, gloo backend, one thread per process",
-        f"- Model: DeepChain, {N} ResConv2d layers of width {a.width} at 32×32 (+ stem, head), batch {a.batch}, "
+        f"- Model: resconv_chain, {N} ResConv2d layers of width {a.width} at 32×32 (+ stem, head), batch {a.batch}, "
         f"layer scales 2/N; SGD; random data",
         f"- mgrit: cf = {a.cf}, levels = {a.levels}, F-relaxation; simultaneous = 1 forward + 1 adjoint "
         f"coarse-grid solve per step (nested start + F-sweep); converged = tol 1e-6",

@@ -37,31 +37,10 @@ import time
 
 import numpy as np
 import torch
+
 import torch.nn.functional as F
-from torch import nn
 
-
-class ResConvChain(nn.Module):
-    """stem (in→C, conv+BN+ReLU) → N ResConv2d(C, C) → avgpool + linear."""
-
-    def __init__(self, n: int, width: int, in_chans: int = 1, classes: int = 10,
-                 horizon: float = 2.0) -> None:
-        super().__init__()
-        import resprune as rp
-
-        self.stem = rp.ConvBN2d(in_chans, width, 3)
-        self.blocks = nn.Sequential(*[rp.ResConv2d(width, width) for _ in range(n)])
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
-        with torch.no_grad():
-            for m in self.blocks:
-                m.scale.fill_(horizon / n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-    def layer_sequence(self):
-        return ([("stem", self.stem)] + [(f"blocks.{i}", m) for i, m in enumerate(self.blocks)]
-                + [("head", self.head)])
+import resprune as rp
 
 
 def _subset(ds, n: int, seed: int):
@@ -91,7 +70,7 @@ def worker(a: argparse.Namespace) -> None:
         train_eval = DeviceLoader(_subset(tr, a.train_eval, a.seed + 1), a.eval_batch, train=False, **norm)
 
         torch.manual_seed(a.seed)
-        model = ResConvChain(a.layers, a.width, tr.images.shape[-1], 10, a.horizon)
+        model = rp.create_model("resconv_chain", depth=a.layers, width=a.width, in_chans=tr.images.shape[-1], horizon=a.horizon)
 
         def sgd(named):
             return torch.optim.SGD(named, lr=a.lr, momentum=a.momentum)

@@ -26,7 +26,7 @@ from torch import nn
 from ..layers import ConvBN2d, OptionAShortcut, ResConv2d
 from .registry import register_model
 
-__all__ = ["BasicBlock", "CifarResNet", "PlainResNet"]
+__all__ = ["BasicBlock", "CifarResNet", "PlainResNet", "ResConvChain"]
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -147,3 +147,42 @@ for _d in (20, 32, 44, 56, 110, 1202):
     _resnet(_d)
 for _d in (20, 32, 44, 56, 110):
     _plainres(_d)
+
+
+class ResConvChain(nn.Module):
+    """A deep chain of identity-shortcut ResConv2d layers of one width: the ODE-like net of
+    layer-parallel training (``u[n+1] = ReLU(u[n] + s·BN(W∗u[n]))``, step size ``s``).
+
+    Args:
+        depth: number of ResConv2d layers (the fine grid of MGRIT).
+        width: channels of every layer.
+        horizon: when given, every layer scale starts at ``horizon / depth`` (the time step
+            of an ODE on [0, horizon]); default 1 per layer, like every ResConv2d.
+    """
+
+    def __init__(self, depth: int = 256, width: int = 16, num_classes: int = 10, in_chans: int = 3,
+                 horizon: float | None = None) -> None:
+        super().__init__()
+        if depth < 1 or width < 1:
+            raise ValueError(f"depth and width must be >= 1, got {depth}, {width}")
+        self.stem = ConvBN2d(in_chans, width, 3)
+        self.blocks = nn.Sequential(*[ResConv2d(width, width) for _ in range(depth)])
+        self.head = _Head(width, num_classes)
+        if horizon is not None:
+            with torch.no_grad():
+                for m in self.blocks:
+                    m.scale.fill_(horizon / depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+    def layer_sequence(self) -> list[tuple[str, nn.Module]]:
+        return [("stem", self.stem), *[(f"blocks.{k}", m) for k, m in self.blocks.named_children()],
+                ("head", self.head)]
+
+
+@register_model
+def resconv_chain(num_classes: int = 10, depth: int = 256, width: int = 16, in_chans: int = 3,
+                  horizon: float | None = None) -> nn.Module:
+    """Deep ResConv chain (``depth`` layers of ``width`` channels); see :class:`ResConvChain`."""
+    return ResConvChain(depth, width, num_classes, in_chans, horizon)

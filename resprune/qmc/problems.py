@@ -99,6 +99,13 @@ def _modes_2d(count: int) -> np.ndarray:
     return np.array(out[:count], dtype=np.float64)
 
 
+def affine_coefficient_min(mean: float, amplitude: float, decay: float, dim: int) -> float:
+    """``min a = mean − ½·amplitude·Σ_j j^−decay`` for ``a = mean + Σ_j y_j·amplitude·j^−decay·φ_j``
+    with ``|y_j| ≤ ½`` and ``|φ_j| ≤ 1`` (the bound both PDE problems check)."""
+    j = np.arange(1, dim + 1, dtype=np.float64)
+    return mean - 0.5 * amplitude * float(np.sum(j**-decay))
+
+
 @dataclass(frozen=True)
 class EllipticDiffusion:
     """Affine-parametric diffusion on the unit square, five-point finite differences.
@@ -140,8 +147,7 @@ class EllipticDiffusion:
     @property
     def a_min(self) -> float:
         """Lower bound of ``a`` over the domain and the parameter box."""
-        j = np.arange(1, self.dim + 1, dtype=np.float64)
-        return self.mean - 0.5 * self.amplitude * float(np.sum(j**-self.decay))
+        return affine_coefficient_min(self.mean, self.amplitude, self.decay, self.dim)
 
     # ---- coefficient -------------------------------------------------------------------
     def psi(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
@@ -319,8 +325,7 @@ class HeatEquation:
     @property
     def a_min(self) -> float:
         """Lower bound of ``a`` over the domain and the parameter box."""
-        j = np.arange(1, self.dim + 1, dtype=np.float64)
-        return self.mean - 0.5 * self.amplitude * float(np.sum(j**-self.decay))
+        return affine_coefficient_min(self.mean, self.amplitude, self.decay, self.dim)
 
     def coefficient(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``a`` and ``da/dx`` at ``x`` for parameters ``y`` (``(n, dim)`` -> ``(n, len(x))``)."""
