@@ -229,6 +229,13 @@ def test_config_validation(kw):
         MGRITConfig(**kw)
 
 
+def test_iteration_caps_default_by_mode():
+    assert (MGRITConfig().fwd_iters, MGRITConfig().bwd_iters) == (1, 1)  # simultaneous
+    c = MGRITConfig(mode="converged")
+    assert c.fwd_iters == c.bwd_iters == 1000  # tol decides
+    assert MGRITConfig(mode="converged", fwd_iters=5).fwd_iters == 5
+
+
 def test_config_frozen_and_serialisable():
     c = MGRITConfig(cf=8)
     with pytest.raises(Exception):

@@ -75,6 +75,9 @@ class MGRITConfig:
         mode: ``"converged"`` (iterate to ``tol``; exact gradients) or ``"simultaneous"``
             (exactly ``fwd_iters``/``bwd_iters`` coarse-grid solves per step).
         fwd_iters: forward coarse-grid solves (cap in converged mode); the nested start is one.
+            Default (None): 1 in simultaneous mode; in converged mode 1000, i.e. ``tol``
+            decides (MGRIT is exact after as many iterations as coarse intervals, so the
+            cap never binds in practice).
         bwd_iters: the same for the adjoint.
         tol: relative C-point residual at which converged mode stops.
         warm_start: start from the previous step's C-point states/adjoints when the batch
@@ -92,8 +95,8 @@ class MGRITConfig:
     levels: int = 2
     relax: str = "F"
     mode: str = "simultaneous"
-    fwd_iters: int = 1
-    bwd_iters: int = 1
+    fwd_iters: int | None = None
+    bwd_iters: int | None = None
     tol: float = 1e-6
     warm_start: bool = False
     initial: str = "coarse"
@@ -110,6 +113,8 @@ class MGRITConfig:
         if self.mode not in ("converged", "simultaneous"):
             raise ValueError(f"mode must be 'converged' or 'simultaneous', got {self.mode!r}")
         for k in ("fwd_iters", "bwd_iters"):
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, 1000 if self.mode == "converged" else 1)
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be an int >= 1, got {v!r}")
