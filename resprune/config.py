@@ -197,6 +197,8 @@ def recipe_from_dict(d: dict) -> Recipe:
         if k in SECTIONS:
             if not isinstance(v, dict):
                 raise RecipeError(f"[{k}] must be a table of keys")
+            if k == "prune" and v.get("target_macs") is not None and "threshold" not in v:
+                v = {**v, "threshold": None}  # a budget replaces the default threshold
             kw[k] = _build(SECTIONS[k], v, k)
         else:
             kw[k] = v
