@@ -216,8 +216,12 @@ class ResConv2d(ConvBN2d):
         """
         return (not self.shortcut) or self.identity_shortcut
 
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled residual branch ``s · BN(W ∗ x)`` (no shortcut, no activation)."""
+        return _scaled_batch_norm(self.bn, self.conv(x), self.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _scaled_batch_norm(self.bn, self.conv(x), self.scale)
+        y = self.branch(x)
         if self.shortcut:
             y = y + option_a(x, self.conv.out_channels, self.conv.stride[0])
         return F.relu(y) if self.act else y

@@ -139,7 +139,7 @@ def residual_increment(layer: nn.Module, u: torch.Tensor | None):
     ``u + m·(f(u) − u)`` would turn each ReLU-clipped entry into a factor ``1 − m``.
     """
     if isinstance(layer, ResConv2d) and layer.shortcut and layer.identity_shortcut:
-        r = None if u is None else layer.scale * layer.bn(layer.conv(u))
+        r = None if u is None else layer.branch(u)  # the same op order as layer.forward
         return r, layer.act
     if isinstance(layer, BasicBlock) and isinstance(layer.shortcut, nn.Identity):
         return (None if u is None else layer.conv2(layer.conv1(u))), True
