@@ -36,6 +36,14 @@ def test_run_writes_the_documented_files(run_dir, capsys):
     assert rp.load(run_dir / "fused.pt") is not None
 
 
+def test_resume_a_finished_run_does_not_retrain(run_dir, capsys):
+    sparse = (run_dir / "checkpoints" / "sparse.pt").read_bytes()
+    assert main(["-q", "run", "quickstart", "--out", str(run_dir), "--resume", *FAST]) == 0
+    assert (run_dir / "checkpoints" / "sparse.pt").read_bytes() == sparse  # no epoch re-run
+    assert main(["run", "quickstart", "--out", str(run_dir), "--resume", *FAST, "--set", "train.lr=0.5"]) == 2
+    assert "recipe differs" in capsys.readouterr().err
+
+
 def test_stage_commands_rerun_on_the_run_dir(run_dir):
     assert main(["-q", "prune", str(run_dir), "--set", "prune.target_macs=0.6"]) == 0
     p = json.loads((run_dir / "prune.json").read_text())
