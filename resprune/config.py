@@ -122,6 +122,11 @@ class PruneStageConfig:
     rank: str = "scale"
     min_layers_per_stage: int = 1
 
+    @property
+    def report_threshold(self) -> float:
+        """The |scale| threshold statistics are reported against (1e-2 in budget mode)."""
+        return self.threshold if self.threshold is not None else 1e-2
+
     def to_prune_config(self, input_size: tuple[int, ...]):
         from .prune import PruneConfig
 

@@ -207,7 +207,8 @@ class Trainer:
     def ckpt_path(self) -> Path | None:
         return self.run_dir / "checkpoints" / f"{self.stage}.pt" if self.run_dir else None
 
-    def _model_state_owner(self) -> nn.Module | None:
+    def gather_model(self) -> nn.Module | None:
+        """The full, current model on rank 0 (collective with an engine); None elsewhere."""
         if self.engine is None:
             return self.model
         sd = self.engine.full_state_dict()
@@ -217,7 +218,7 @@ class Trainer:
         return None
 
     def save_checkpoint(self, epoch: int) -> None:
-        owner = self._model_state_owner()
+        owner = self.gather_model()
         if not self.is_main or self.ckpt_path is None:
             return
         state = {

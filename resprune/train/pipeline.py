@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +155,10 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
     engine = engine_factory(model, recipe, _input_size(train_l)) if engine_factory else None
     t0 = time.perf_counter()
     trainer = Trainer(model, train_l, test_l, recipe.train, run.path, "sparse",
-                      threshold=recipe.prune.threshold or 1e-2, engine=engine)
+                      threshold=recipe.prune.report_threshold, engine=engine)
     hist = trainer.fit(resume=resume)
     if engine is not None:
-        trainer._model_state_owner()  # gather the full weights on rank 0
+        trainer.gather_model()  # collective: the full weights on rank 0
         if engine.rank != 0:
             return {}
     if hist:
@@ -167,7 +168,7 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
     model = trainer.model.cpu().to(memory_format=torch.contiguous_format)
     values = {
         "test_acc": test_acc, "test_loss": test_loss, "epochs": recipe.train.epochs,
-        "wall_s": time.perf_counter() - t0, "history": [h.__dict__ for h in hist],
+        "wall_s": time.perf_counter() - t0, "history": [asdict(h) for h in hist],
         **_model_stats(model, _input_size(train_l)), "device": str(device),
     }
     save(model, run / "sparse.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"},
@@ -183,7 +184,7 @@ def stage_prune(recipe: Recipe, run: RunDir) -> dict:
     device = select_device(recipe.train.device)
     train_l, test_l = _loaders(recipe, device)
     input_size = _input_size(train_l)
-    thr = recipe.prune.threshold if recipe.prune.threshold is not None else 1e-2
+    thr = recipe.prune.report_threshold
     stats = scale_stats(model, thr)
     report = prune_(model, recipe.prune.to_prune_config(input_size))
     loss, acc = evaluate(model.to(device).eval(), test_l)
@@ -210,12 +211,12 @@ def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False) -> dict:
     model = load(src)
     t0 = time.perf_counter()
     trainer = Trainer(model, train_l, test_l, recipe.finetune, run.path, "finetune",
-                      threshold=recipe.prune.threshold or 1e-2)
+                      threshold=recipe.prune.report_threshold)
     hist = trainer.fit(resume=resume)
     model = trainer.model.cpu().to(memory_format=torch.contiguous_format)
     values = {"test_acc": hist[-1].test_acc, "test_loss": hist[-1].test_loss,
               "epochs": recipe.finetune.epochs, "wall_s": time.perf_counter() - t0,
-              "history": [h.__dict__ for h in hist], **_model_stats(model, _input_size(train_l))}
+              "history": [asdict(h) for h in hist], **_model_stats(model, _input_size(train_l))}
     save(model, run / "pruned.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"},
                                           "input_size": list(_input_size(train_l))})
     run.update_metrics("finetuned", values)
