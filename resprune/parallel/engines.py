@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,46 @@ class Engine:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:  # pragma: no cover
         raise NotImplementedError
 
-    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    #: True when the BatchNorm running statistics an engine accumulates in training are those
+    #: of the exact forward pass (serial, converged MGRIT). Simultaneous MGRIT accumulates
+    #: them from inexact states; the training loop then calls :meth:`recalibrate_bn`.
+    exact_bn_stats = True
+
+    def _exact_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    @torch.no_grad()
+    def recalibrate_bn(self, batches) -> None:
+        """Re-estimate every BatchNorm's running statistics from exact forward passes over
+        ``batches`` (inputs only; cumulative average), collectively. Parameters are untouched."""
+        bns = [m for m in self.model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        modes = {m: m.training for m in self.model.modules()}
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        self.model.eval()
+        for m in bns:
+            m.train()
+        try:
+            for x in batches:
+                self._exact_forward(x)
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            for m, t in modes.items():
+                m.training = t
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact logits in eval mode, on every rank (collective)."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self._exact_forward(x)
+        finally:
+            for m, t in modes.items():
+                m.training = t
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """``forward_backward`` then the optimizer step; returns the loss."""
@@ -167,14 +206,8 @@ class SerialEngine(Engine):
         return float(loss.detach())
 
     @torch.no_grad()
-    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:
-            return self.model(x)
-        finally:
-            for m, t in modes.items():
-                m.training = t
+    def _exact_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
     def full_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict((k, v.detach().cpu().clone()) for k, v in self.model.state_dict().items())

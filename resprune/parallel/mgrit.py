@@ -317,36 +317,34 @@ class MGRITEngine(Engine):
                       "bwd_iters": binfo.iterations, "bwd_residuals": binfo.residuals}
         return total
 
-    @torch.no_grad()
-    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact logits (eval mode), pipelined over micro-batches; on every rank."""
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:
-            me, P, B = self.rank, self.world_size, x.shape[0]
-            info = self._layer_info(x)
-            chunks = torch.arange(B).tensor_split(min(P, B))
-            outs = []
-            for idx in chunks:
-                if me == 0:
-                    s = x[idx]
-                else:
-                    s = self.comm.recv(info.point_shape(self.lo, len(idx)), me - 1, x)
-                for n in range(self.lo, self.hi):
-                    s = self.seq[n][1](s)
-                if me < P - 1:
-                    self.comm.isend(s, me + 1)
-                else:
-                    outs.append(s)
-            self.comm.wait()
-            if me == P - 1:
-                logits = torch.cat(outs)
+    @property
+    def exact_bn_stats(self) -> bool:  # simultaneous mode accumulates them from inexact states
+        return self.config.mode == "converged"
+
+    def _exact_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact forward propagation in the modules' current modes, pipelined over
+        micro-batches; the output (logits) on every rank."""
+        me, P, B = self.rank, self.world_size, x.shape[0]
+        info = self._layer_info(x)
+        chunks = torch.arange(B).tensor_split(min(P, B))
+        outs = []
+        for idx in chunks:
+            if me == 0:
+                s = x[idx]
             else:
-                logits = torch.empty(info.point_shape(len(self.seq), B), dtype=x.dtype, device=x.device)
-            return self.comm.broadcast(logits, P - 1)
-        finally:
-            for m, t in modes.items():
-                m.training = t
+                s = self.comm.recv(info.point_shape(self.lo, len(idx)), me - 1, x)
+            for n in range(self.lo, self.hi):
+                s = self.seq[n][1](s)
+            if me < P - 1:
+                self.comm.isend(s, me + 1)
+            else:
+                outs.append(s)
+        self.comm.wait()
+        if me == P - 1:
+            logits = torch.cat(outs)
+        else:
+            logits = torch.empty(info.point_shape(len(self.seq), B), dtype=x.dtype, device=x.device)
+        return self.comm.broadcast(logits, P - 1)
 
     # ---- checkpoints ---------------------------------------------------------------------
     def full_state_dict(self) -> "OrderedDict[str, torch.Tensor] | None":

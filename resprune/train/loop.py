@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -43,6 +44,7 @@ __all__ = ["Trainer", "EpochResult", "TrainingDiverged", "evaluate", "select_dev
 
 CKPT_FORMAT = "resprune-train-state"
 CHECK_EVERY = 50  # steps between NaN checks (each one waits for the device)
+RECALIBRATE_BATCHES = 32  # training batches used to re-estimate BN statistics (engines with inexact ones)
 
 
 class TrainingDiverged(RuntimeError):
@@ -351,6 +353,10 @@ class Trainer:
                         )
                     bar.update(value, i + 1)
             bar.close()
+            if self.engine is not None and not self.engine.exact_bn_stats:
+                # simultaneous MGRIT accumulated BN statistics from inexact states: re-estimate
+                # them by exact forward passes, or eval (which uses them) is far off
+                self.engine.recalibrate_bn(x for x, _ in itertools.islice(self.train_loader, RECALIBRATE_BATCHES))
             (self.engine or self.model).eval()
             test_loss, test_acc = evaluate(self.eval_forward, self.test_loader, self.cfg.bf16)
             r = EpochResult(
