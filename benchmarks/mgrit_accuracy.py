@@ -27,6 +27,7 @@ default scale 1.0). The MNIST idx files are read from ``--data-dir`` (torchvisio
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -73,7 +74,8 @@ def worker(a: argparse.Namespace) -> None:
         model = rp.create_model("resconv_chain", depth=a.layers, width=a.width, in_chans=tr.images.shape[-1], horizon=a.horizon)
 
         def sgd(named):
-            return torch.optim.SGD(named, lr=a.lr, momentum=a.momentum)
+            return torch.optim.SGD(named, lr=a.lr, momentum=a.momentum, weight_decay=a.wd,
+                                   nesterov=a.nesterov)
 
         if a.engine == "serial":
             eng = create_engine("serial", model, F.cross_entropy, sgd)
@@ -83,12 +85,25 @@ def worker(a: argparse.Namespace) -> None:
                               input_size=(1, tr.images.shape[-1], *tr.images.shape[1:3]))
             eng = create_engine("mgrit", model, F.cross_entropy, sgd, cfg)
 
+        total = a.epochs * len(train)
+        if a.max_steps:
+            total = min(total, a.max_steps)
+
+        def lr_factor(i: int) -> float:  # linear warm-up, then cosine to 0 (or constant)
+            if i < a.warmup:
+                return (i + 1) / a.warmup
+            if a.schedule == "constant":
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * (i - a.warmup) / max(1, total - a.warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(eng.optimizer, lr_factor)
         losses, fres, bres = [], [], []
         diverged = False
         t0 = time.perf_counter()
         for _ in range(a.epochs):
             for x, y in train:
                 loss = eng.step(x, y)
+                sched.step()
                 losses.append(loss)
                 if a.engine != "serial":
                     fr, br = eng.stats.get("fwd_residuals") or [], eng.stats.get("bwd_residuals") or []
@@ -111,6 +126,12 @@ def worker(a: argparse.Namespace) -> None:
             return 100.0 * correct / total
 
         t0 = time.perf_counter()
+        # eval-mode accuracy with the running BN statistics training left behind ...
+        acc_test_raw = float("nan") if diverged else accuracy(test)
+        # ... and after re-estimating them with exact forward passes over training batches
+        # (the same procedure for both engines; what the trainer does before evaluation)
+        if not diverged and a.recal_batches:
+            eng.recalibrate_bn(x for x, _ in itertools.islice(iter(train), a.recal_batches))
         acc_test = float("nan") if diverged else accuracy(test)
         acc_train = float("nan") if diverged else accuracy(train_eval)
         t_eval = time.perf_counter() - t0
@@ -120,7 +141,7 @@ def worker(a: argparse.Namespace) -> None:
             print("RESULT " + json.dumps({
                 "engine": a.engine, "P": world, "steps": len(losses), "losses": losses,
                 "fwd_res": fres, "bwd_res": bres, "diverged": diverged,
-                "acc_test": acc_test, "acc_train": acc_train, "n_test": len(te),
+                "acc_test": acc_test, "acc_test_raw": acc_test_raw, "acc_train": acc_train, "n_test": len(te),
                 "n_train": len(tr), "n_train_eval": len(train_eval.labels),
                 "t_train": t_train, "t_eval": t_eval,
                 "scale_mean": float(scales.mean()), "scale_max": float(scales.max()),
@@ -133,13 +154,15 @@ def worker(a: argparse.Namespace) -> None:
     finalize(code)
 
 
-def run_one(a: argparse.Namespace, engine: str, P: int) -> dict:
+def run_one(a: argparse.Namespace, engine: str, P: int, seed: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(P),
-           __file__, "--worker", "--engine", engine]
+           __file__, "--worker", "--engine", engine, "--seed", str(seed)]
     for k in ("data_dir", "layers", "width", "horizon", "batch", "eval_batch", "epochs", "max_steps",
-              "train_subset", "test_subset", "train_eval", "lr", "momentum", "cf", "levels", "relax",
-              "fwd_iters", "bwd_iters", "seed"):
+              "train_subset", "test_subset", "train_eval", "lr", "momentum", "wd", "schedule", "warmup",
+              "recal_batches", "cf", "levels", "relax", "fwd_iters", "bwd_iters"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    if a.nesterov:
+        cmd.append("--nesterov")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
@@ -147,12 +170,13 @@ def run_one(a: argparse.Namespace, engine: str, P: int) -> dict:
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not line:
         print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{engine} P={P} failed (rc {r.returncode})")
+        raise SystemExit(f"{engine} P={P} seed {seed} failed (rc {r.returncode})")
     res = json.loads(line[0][7:])
     res["wall"] = wall
     res["load_after"] = list(os.getloadavg())
-    print(f"{engine} P={P}: {res['steps']} steps, test {res['acc_test']:.2f} %, "
-          f"train {res['t_train']:.0f} s, job {wall:.0f} s", file=sys.stderr)
+    print(f"seed {seed} {engine} P={P}: {res['steps']} steps, test {res['acc_test']:.2f} % "
+          f"(running stats {res['acc_test_raw']:.2f} %), train {res['t_train']:.0f} s, job {wall:.0f} s",
+          file=sys.stderr, flush=True)
     return res
 
 
@@ -165,54 +189,74 @@ def _curve(losses: list[float], parts: int = 5) -> list[str]:
     return out
 
 
-def report(a: argparse.Namespace, s: dict, m: dict, started: str) -> str:
+def _mean_std(v: list[float]) -> str:
+    if len(v) == 1:
+        return f"{v[0]:.2f}"
+    return f"{float(np.mean(v)):.2f} ± {float(np.std(v, ddof=1)):.2f}"
+
+
+def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
+    """``runs``: one ``{"seed", "serial", "mgrit"}`` dict per seed."""
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = "; ".join(ln.split(":", 1)[0].strip() + ": " + ln.split(":", 1)[1].strip()
                     for ln in lscpu.splitlines()
                     if ln.split(":")[0].strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Architecture"))
-    load = "; ".join(f"{n} {' / '.join(f'{v:.1f}' for v in r['load_after'])}"
-                     for n, r in (("serial", s), ("mgrit", m)) if "load_after" in r) or "not recorded"
-    diff = m["acc_test"] - s["acc_test"]
-    difft = m["acc_train"] - s["acc_train"]
-    fr = [v for v in m["fwd_res"] if v is not None]
-    br = [v for v in m["bwd_res"] if v is not None]
     rows = [
-        "| engine | P | steps | test acc % | train-slice acc % | final loss (last 10 % mean) | train wall s | eval wall s | job wall s | final mean / max layer scale |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for r, name in ((s, "serial"), (m, "mgrit simultaneous")):
-        tail = r["losses"][-max(1, len(r["losses"]) // 10):]
-        ev = "–" if r["diverged"] else f"{r['t_eval']:.0f}"
-        rows.append(f"| {name} | {r['P']} | {r['steps']} | {r['acc_test']:.2f} | {r['acc_train']:.2f} | "
-                    f"{sum(tail) / len(tail):.4f} | {r['t_train']:.0f} | {ev} | {r['wall']:.0f} | "
-                    f"{r['scale_mean']:.3f} / {r['scale_max']:.3f} |")
-    curve = ["| engine | " + " | ".join(f"steps {i}/5" for i in range(1, 6)) + " |",
-             "|---|" + "---|" * 5]
-    for r, name in ((s, "serial"), (m, "mgrit simultaneous")):
-        curve.append(f"| {name} | " + " | ".join(_curve(r["losses"])) + " |")
-    goal = abs(diff) <= 0.5
-    notes = []
-    for r, name in ((s, "serial"), (m, "mgrit")):
-        if r["diverged"]:
-            big = next((i + 1 for i, v in enumerate(r["losses"]) if not v < 3.0), None)
-            notes.append(f"{name} DIVERGED: training loss first above 3.0 at step {big}, non-finite at step "
-                         f"{r['steps']}; the run stopped there and was not evaluated.")
+        "| seed | engine | P | steps | test acc % | test acc %, running stats as trained | train-slice acc % "
+        "| final loss (last 10 % mean) | train wall s | job wall s | final mean / max layer scale |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    curve = ["| seed | engine | " + " | ".join(f"steps {i}/5" for i in range(1, 6)) + " |",
+             "|---|---|" + "---|" * 5]
+    notes, diffs, sacc, macc = [], [], [], []
+    for run in runs:
+        s, m = run["serial"], run["mgrit"]
+        for r, name in ((s, "serial"), (m, "mgrit simultaneous")):
+            tail = r["losses"][-max(1, len(r["losses"]) // 10):]
+            raw = r.get("acc_test_raw", float("nan"))
+            rows.append(f"| {run['seed']} | {name} | {r['P']} | {r['steps']} | {r['acc_test']:.2f} | {raw:.2f} | "
+                        f"{r['acc_train']:.2f} | {sum(tail) / len(tail):.4f} | {r['t_train']:.0f} | "
+                        f"{r['wall']:.0f} | {r['scale_mean']:.3f} / {r['scale_max']:.3f} |")
+            curve.append(f"| {run['seed']} | {name} | " + " | ".join(_curve(r["losses"])) + " |")
+            if r["diverged"]:
+                big = next((i + 1 for i, v in enumerate(r["losses"]) if not v < 3.0), None)
+                notes.append(f"seed {run['seed']}: {name} DIVERGED: training loss first above 3.0 at step {big}, "
+                             f"non-finite at step {r['steps']}; the run stopped there and was not evaluated.")
+        diffs.append(m["acc_test"] - s["acc_test"])
+        sacc.append(s["acc_test"])
+        macc.append(m["acc_test"])
+    met = all(abs(d) <= 0.5 for d in diffs) and all(math.isfinite(d) for d in diffs)
+    load = "; ".join(f"seed {run['seed']}: " + ", ".join(
+        f"{n} {' / '.join(f'{v:.1f}' for v in run[n]['load_after'])}" for n in ("serial", "mgrit")
+        if "load_after" in run[n]) for run in runs) or "not recorded"
+    sched = f"{a.schedule} schedule" + (f" after {a.warmup} warm-up steps" if getattr(a, "warmup", 0) else "")
+    s0, m0 = runs[0]["serial"], runs[0]["mgrit"]
+    fr = [v for run in runs for v in run["mgrit"]["fwd_res"] if v is not None]
+    br = [v for run in runs for v in run["mgrit"]["bwd_res"] if v is not None]
+    recal = getattr(a, "recal_batches", 0)
     return "\n".join([
-        f"## Run: horizon {a.horizon:g} (initial layer scale {a.horizon / a.layers:.4g}), lr {a.lr:g}", "",
+        f"## Run: {a.layers} layers, horizon {a.horizon:g}, lr {a.lr:g}, cf {a.cf}, {a.relax} "
+        f"{a.fwd_iters}+{a.bwd_iters}, P = {m0['P']}", "",
         f"- Date: {started}; hardware: {cpu}; load average (1/5/15 min) right after each job: {load}",
         f"- Versions: torch {torch.__version__}, Python {platform.python_version()}, gloo backend, "
         "one thread per process, CPU",
-        f"- Data: MNIST 28×28, {s['n_train']} training images (seeded subset), test set {s['n_test']} images; "
-        f"train-slice accuracy on {s['n_train_eval']} of the training images; no augmentation",
+        f"- Data: MNIST 28×28, {s0['n_train']} training images (seeded subset), test set {s0['n_test']} images; "
+        f"train-slice accuracy on {s0['n_train_eval']} of the training images; no augmentation",
         f"- Model: stem 1→{a.width} + {a.layers} identity-shortcut ResConv2d of width {a.width} at 28×28 + "
         f"avgpool/linear ({a.layers + 2} layers in `layer_sequence`); initial layer scales {a.horizon:g}/{a.layers}",
-        f"- Training: SGD lr {a.lr:g}, momentum {a.momentum:g}, no weight decay, batch {a.batch}, "
-        f"{a.epochs} epoch(s){f' capped at {a.max_steps} steps' if a.max_steps else ''}, seed {a.seed} "
-        "(same initial weights and data order for both)",
-        f"- mgrit: P = {m['P']}, simultaneous, cf = {a.cf}, levels = {a.levels}, relax {a.relax}, "
-        f"fwd/bwd iterations {a.fwd_iters}/{a.bwd_iters} per step; 1 run each", "",
+        f"- Training: SGD lr {a.lr:g}, momentum {a.momentum:g}{' (Nesterov)' if getattr(a, 'nesterov', False) else ''}, "
+        f"weight decay {getattr(a, 'wd', 0.0):g} (all parameters), {sched}, batch {a.batch}, "
+        f"{a.epochs} epoch(s){f' capped at {a.max_steps} steps' if a.max_steps else ''}; per seed the same "
+        "initial weights and data order for both engines",
+        f"- Eval: exact `eval_forward`; BN running statistics "
+        + (f"re-estimated from {recal} training batches (exact forward, both engines) before the "
+           "'test acc' and 'train-slice' columns; the column 'running stats as trained' is before that"
+           if recal else "as training left them"),
+        f"- mgrit: P = {m0['P']}, simultaneous, cf = {a.cf}, levels = {a.levels}, relax {a.relax}, "
+        f"fwd/bwd iterations {a.fwd_iters}/{a.bwd_iters} per step; {len(runs)} seed(s), 1 run each", "",
         *rows, "",
-        f"Difference mgrit − serial: test {diff:+.2f} points, train slice {difft:+.2f} points "
-        f"(goal |test diff| ≤ 0.5: {'met' if goal else 'NOT met'}).", *notes, "",
+        f"Test accuracy over {len(runs)} seed(s): serial {_mean_std(sacc)} %, mgrit {_mean_std(macc)} %; "
+        f"difference mgrit − serial per seed: {', '.join(f'{d:+.2f}' for d in diffs)} points "
+        f"(goal |diff| ≤ 0.5 for every seed: {'met' if met else 'NOT met'}).", *notes, "",
         "Train loss (as each engine reports it: mgrit's is the loss of its inexact forward states), "
         "mean over each fifth of the steps:", "", *curve, "",
         (f"mgrit last-iteration relative C-point residuals over the steps: forward median "
@@ -238,13 +282,20 @@ def main() -> int:
     ap.add_argument("--train-eval", type=int, default=2000, help="training images used for train accuracy")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--nesterov", action="store_true")
+    ap.add_argument("--wd", type=float, default=0.0, help="SGD weight decay (all parameters)")
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    ap.add_argument("--recal-batches", type=int, default=50,
+                    help="training batches for BN re-estimation before eval (0: none)")
     ap.add_argument("--cf", type=int, default=4)
     ap.add_argument("--levels", type=int, default=2)
     ap.add_argument("--relax", default="F", choices=["F", "FCF"])
     ap.add_argument("--fwd-iters", type=int, default=1)
     ap.add_argument("--bwd-iters", type=int, default=1)
     ap.add_argument("--procs", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, one serial + one mgrit run each")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out", default=None, help="append the markdown report to this file")
     ap.add_argument("--json", default=None, help="write both runs' raw results (JSON) here")
@@ -258,17 +309,21 @@ def main() -> int:
     if a.from_json:
         with open(a.from_json) as f:
             d = json.load(f)
-        rep = report(argparse.Namespace(**d["args"]), d["serial"], d["mgrit"], d.get("started", "?"))
+        runs = d["runs"] if "runs" in d else [{"seed": d["args"].get("seed", 0), "serial": d["serial"],
+                                                "mgrit": d["mgrit"]}]
+        rep = report(argparse.Namespace(**d["args"]), runs, d.get("started", "?"))
         print(rep)
         return 0
     started = time.strftime("%Y-%m-%d %H:%M")
-    s = run_one(a, "serial", 1)
-    m = run_one(a, "mgrit", a.procs)
-    rep = report(a, s, m, started)
+    runs = []
+    for seed in [int(v) for v in a.seeds.split(",")]:
+        runs.append({"seed": seed, "serial": run_one(a, "serial", 1, seed),
+                     "mgrit": run_one(a, "mgrit", a.procs, seed)})
+        if a.json:  # after every seed, so an interrupted study keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"args": vars(a), "runs": runs, "started": started}, f)
+    rep = report(a, runs, started)
     print(rep)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "serial": s, "mgrit": m, "started": started}, f)
     if a.out:
         with open(a.out, "a") as f:
             f.write(rep + "\n")
