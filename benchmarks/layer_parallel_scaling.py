@@ -6,12 +6,13 @@ serial on one process, mgrit (simultaneous and converged modes) under torchrun o
 P = 1, 2, 4 processes (gloo, CPU, one thread each), all in one run. The script prints a
 table of median step times, speedups, efficiencies and iteration counts, fits the cost model
 
-    T_serial     = N·τ                                          (τ: one layer forward+backward)
-    T_mgrit(P)   = κ·τ·(N/cf + N/P) + α·(P − 1)·h               (simultaneous, 1+1 iterations)
+    T_serial     = N·τ                                  (τ: one layer forward + backward)
+    T_mgrit(P)   = ρ·(c·N/cf + (f·N + o)/P) + 2·α·(P − 1)   (simultaneous, 1 + 1 iterations)
 
-(κ: mgrit's extra work per layer visit, fitted at P = 1; α: one message hop of a state,
-measured by ping-pong; 2 pipelined coarse solves per step, forward and adjoint) and extrapolates it, clearly labelled
-as a model, to P = 8 … 256. Run ``python benchmarks/layer_parallel_scaling.py`` (default
+(c, f, o: a coarse step, a fine layer and the rest of a step, from the engine's phase timers
+in the P = 1 run; α: one message hop, measured by ping-pong; ρ: compute slowdown with P ranks
+running at once, measured on the communication-free fine sweeps), prints each rank's phase
+times, and extrapolates the model, clearly labelled as a model, to P = 8 … 256. Run ``python benchmarks/layer_parallel_scaling.py`` (default
 < 10 min on 2 cores); ``--out`` writes the markdown report.
 
 On a machine with fewer cores than processes the measured times of P > cores are
@@ -64,7 +65,7 @@ def worker(a: argparse.Namespace) -> int:
 
     def timed(eng, steps):
         eng.step(x, y)  # warm-up
-        ts, its = [], []
+        ts, its, phases = [], [], []
         for _ in range(steps):
             barrier()
             t0 = time.perf_counter()
@@ -72,7 +73,13 @@ def worker(a: argparse.Namespace) -> int:
             barrier()
             ts.append(time.perf_counter() - t0)
             its.append((eng.stats.get("fwd_iters"), eng.stats.get("bwd_iters")))
-        return {"median_s": statistics.median(ts), "times_s": ts, "iters": its}
+            if "times_s" in eng.stats:
+                phases.append(dict(eng.stats["times_s"], comm_wait=eng.stats["comm_wait_s"]))
+        out = {"median_s": statistics.median(ts), "times_s": ts, "iters": its}
+        if phases:  # each rank's median phase times (mgrit), gathered on rank 0
+            mine = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+            out["phases"] = eng.comm.gather_object(mine)
+        return out
 
     res: dict = {"P": world}
     if world > 1:  # one message hop: a state-sized tensor rank 0 -> 1 (ping-pong / 2)
@@ -105,16 +112,38 @@ def worker(a: argparse.Namespace) -> int:
 
 
 def fit_and_model(rows: dict, N: int, cf: int) -> dict:
-    """τ from serial, κ from mgrit at P = 1, α = the measured ping-pong hop time."""
-    tau = rows[1]["serial"]["median_s"] / N
-    kappa = rows[1]["simultaneous"]["median_s"] / (tau * (N / cf + N))
+    """Component costs from the P = 1 mgrit run (one process: no waiting, no contention).
+
+    ``coarse``: seconds per coarse-grid step, forward + adjoint (the two coarse solves of a
+    1 + 1 step divided by their N/cf steps); ``fine``: seconds per fine layer, forward sweep
+    building the graph + adjoint sweep with parameter gradients; ``other``: the rest of a
+    step (loss, optimizer update, bookkeeping; divides over the ranks like the parameters);
+    ``alpha``: one message hop of a state (measured ping-pong); ``tau``: serial seconds per
+    layer (forward + backward)."""
+    r1 = rows[1]["simultaneous"]
+    ph = r1["phases"][0]
+    solve, sweep = ph["fwd_solve"] + ph["bwd_solve"], ph["fwd_sweep"] + ph["bwd_sweep"]
     hops = [r["hop_s"] for r in rows.values() if "hop_s" in r]
-    alpha = statistics.median(hops) if hops else 0.0
-    return {"tau": tau, "kappa": kappa, "alpha": alpha}
+    return {"tau": rows[1]["serial"]["median_s"] / N, "coarse": solve / (N / cf), "fine": sweep / N,
+            "other": max(0.0, r1["median_s"] - solve - sweep),
+            "alpha": statistics.median(hops) if hops else 0.0}
 
 
-def model_time(m: dict, N: int, P: int, cf: int) -> float:
-    return m["kappa"] * m["tau"] * (N / cf + N / P) + m["alpha"] * 2 * (P - 1)
+def model_time(m: dict, N: int, P: int, cf: int, rho: float = 1.0) -> float:
+    """Critical path of a simultaneous 1 + 1 step: the coarse solves run rank after rank
+    (all N/cf coarse steps in sequence, a hop per rank boundary, forward and adjoint), the
+    fine sweeps and the update run concurrently (N/P layers a rank). ``rho``: slowdown of a
+    rank's compute when P ranks run at once (1 = one idle core each)."""
+    return rho * (m["coarse"] * N / cf + (m["fine"] * N + m["other"]) / P) + 2 * m["alpha"] * (P - 1)
+
+
+def contention(rows: dict, m: dict, N: int, P: int) -> float | None:
+    """Measured slowdown of the fine sweeps at P ranks: they need no communication, so their
+    time against ``fine·(layers owned)`` is pure compute contention (median over ranks)."""
+    ph = rows.get(P, {}).get("simultaneous", {}).get("phases")
+    if not ph:
+        return None
+    return statistics.median((p["fwd_sweep"] + p["bwd_sweep"]) / (m["fine"] * N / P) for p in ph)
 
 
 def best_cf(m: dict, N: int, P: int) -> int:
@@ -133,6 +162,7 @@ def main() -> int:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--converged-at", type=int, nargs="*", default=[2])
     ap.add_argument("--out", default=None, help="write the markdown report here")
+    ap.add_argument("--json", default=None, help="write the raw measurements (JSON) here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -151,30 +181,48 @@ def main() -> int:
             return 1
         rows[P] = json.loads(line[0][6:])
         print(f"P={P} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "rows": rows, "started": started}, f)
     N, cores = a.layers, os.cpu_count() or 1
     ts = rows[1]["serial"]["median_s"]
     m = fit_and_model(rows, N, a.cf)
-    lines = [f"| P | engine | mode | median s/step | speedup vs serial | efficiency | iterations (fwd, bwd) | cost model s/step |",
+    lines = [f"| P | engine | mode | median s/step | speedup vs serial | efficiency | iterations (fwd, bwd) "
+             "| cost model s/step (one idle core a rank / measured sweep slowdown) |",
              "|---|---|---|---|---|---|---|---|",
-             f"| 1 | serial | – | {ts:.3f} | 1.00 | 1.00 | – | {m['tau'] * N:.3f} |"]
+             f"| 1 | serial | – | {ts:.3f} | 1.00 | 1.00 | – | – |"]
+    breakdown = ["| P | rank | coarse solve fwd | fine sweep fwd | coarse solve adj | fine sweep adj | "
+                 "forward_backward total | of which blocked in comm | sweep slowdown vs P = 1 |",
+                 "|---|---|---|---|---|---|---|---|---|"]
     for P, r in rows.items():
+        rho = contention(rows, m, N, P)
         for mode in ("simultaneous", "converged"):
             if mode not in r:
                 continue
             t = r[mode]["median_s"]
             it = r[mode]["iters"][-1]
             note = " (oversubscribed: P > cores)" if P > cores else ""
-            pred = f"{model_time(m, N, P, a.cf):.3f}" if mode == "simultaneous" else "–"
+            pred = (f"{model_time(m, N, P, a.cf):.3f} / {model_time(m, N, P, a.cf, rho or 1.0):.3f}"
+                    if mode == "simultaneous" else "–")
             lines.append(f"| {P}{note} | mgrit | {mode} | {t:.3f} | {ts / t:.2f} | {ts / t / P:.2f} | {it[0]}, {it[1]} | {pred} |")
-    ext = ["| P | cf (model's best) | model s/step | model speedup | model efficiency |",
-           "|---|---|---|---|---|"]
+        for k, p in enumerate(r.get("simultaneous", {}).get("phases") or []):
+            sl = (p["fwd_sweep"] + p["bwd_sweep"]) / (m["fine"] * N / P)
+            breakdown.append(f"| {P} | {k} | {p['fwd_solve']:.3f} | {p['fwd_sweep']:.3f} | {p['bwd_solve']:.3f} | "
+                             f"{p['bwd_sweep']:.3f} | {p['total']:.3f} | {p['comm_wait']:.3f} | {sl:.2f} |")
+    busy = max((P for P in rows if P <= cores), default=1)
+    rho_busy = contention(rows, m, N, busy) or 1.0
+    ext = ["| P | cf (model's best) | model s/step | model speedup | model efficiency "
+           f"| model speedup with ρ = {rho_busy:.2f} (measured at P = {busy}) |",
+           "|---|---|---|---|---|---|"]
     for NN in (N, 4 * N):
         for P in (8, 16, 64, 256):
             if P > NN:
                 continue
             c = best_cf(m, NN, P)
             t = model_time(m, NN, P, c)
-            ext.append(f"| {P} (N={NN}) | {c} | {t:.3f} | {m['tau'] * NN / t:.2f} | {m['tau'] * NN / t / P:.2f} |")
+            tb = model_time(m, NN, P, c, rho_busy)
+            ext.append(f"| {P} (N={NN}) | {c} | {t:.3f} | {m['tau'] * NN / t:.2f} | {m['tau'] * NN / t / P:.2f} "
+                       f"| {m['tau'] * NN / tb:.2f} |")
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = "; ".join(ln.strip() for ln in lscpu.splitlines()
                     if ln.split(":")[0].strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Architecture"))
@@ -188,13 +236,22 @@ def main() -> int:
         f"coarse-grid solve per step (nested start + F-sweep); converged = tol 1e-6",
         f"- Runs: 1 warm-up + {a.steps} timed steps per row (converged: 1), median; one process per rank",
         "", "## Measured", "", *lines, "",
-        f"Fitted: τ = {m['tau'] * 1e3:.2f} ms per layer forward+backward, κ = {m['kappa']:.2f}, "
-        f"α = {m['alpha'] * 1e3:.2f} ms per message hop (measured ping-pong). Where a measured row is "
-        "slower than its model row, the gap is idle time and contention the model does not contain "
-        "(other processes shared these 2 cores).", "",
+        "Cost model (component costs measured in the P = 1 mgrit run, rank 0's phase timers):",
+        f"serial τ = {m['tau'] * 1e3:.2f} ms a layer (forward + backward); mgrit: coarse step "
+        f"c = {m['coarse'] * 1e3:.2f} ms (forward + adjoint), fine layer f = {m['fine'] * 1e3:.2f} ms "
+        f"(graph-building forward + adjoint with parameter gradients), rest of a step "
+        f"o = {m['other'] * 1e3:.1f} ms, message hop α = {m['alpha'] * 1e3:.2f} ms (ping-pong).",
+        "T_mgrit(P) = ρ·(c·N/cf + (f·N + o)/P) + 2·α·(P − 1): the coarse solves run rank after "
+        "rank, the fine sweeps concurrently. ρ is the slowdown of a rank's compute when P ranks "
+        "run at once, measured on the fine sweeps (they never communicate); ρ = 1 means one idle "
+        "core per rank. The second model figure uses the measured ρ of that row.", "",
+        "## Per-rank phase times (simultaneous, median s per step)", "",
+        "The solves include waiting for the neighbouring ranks; the blocked column is all time "
+        "in recv/wait/all-reduce. The last column is ρ for that rank.", "",
+        *breakdown, "",
         "## Cost model extrapolation (a MODEL, not a measurement)", "",
-        "T_mgrit(P) = κ·τ·(N/cf + N/P) + 2·α·(P − 1); T_serial = N·τ. Assumes one core per rank, "
-        "the same per-layer cost as measured here, and communication like loopback gloo.", "",
+        "T_mgrit as above with ρ = 1 and the best cf, T_serial = N·τ. Assumes one core per rank "
+        "with the per-layer costs measured here and communication like loopback gloo.", "",
         *ext, ""])
     print(report)
     if a.out:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,8 @@ class Comm:
     """Interface: ``rank``, ``world_size``, ``isend``, ``recv``, ``wait``, ``all_reduce_sum``."""
 
     rank: int = 0
+    #: seconds spent blocked in communication since the owner last reset it (DistComm)
+    wait_s: float = 0.0
     world_size: int = 1
 
     def isend(self, t: torch.Tensor, dst: int) -> None:  # pragma: no cover - interface
@@ -97,6 +100,9 @@ class DistComm(Comm):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._pending: list = []
+        #: seconds spent blocked in ``recv``/``wait``/``all_reduce_sum`` (waiting for other
+        #: ranks plus transfer); engines reset it per step to report idle time
+        self.wait_s = 0.0
 
     def _global(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
@@ -107,20 +113,27 @@ class DistComm(Comm):
 
     def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
         out = torch.empty(shape, dtype=like.dtype, device=like.device)
+        t0 = time.perf_counter()
         dist.recv(out, self._global(src), group=self.group)
+        self.wait_s += time.perf_counter() - t0
         return out
 
     def wait(self) -> None:
+        t0 = time.perf_counter()
         for w, _ in self._pending:
             w.wait()
         self._pending.clear()
+        self.wait_s += time.perf_counter() - t0
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         dev = torch.device("cuda", torch.cuda.current_device()) if (
             dist.get_backend(self.group) == "nccl") else torch.device("cpu")
         t = torch.tensor(values, dtype=torch.float64, device=dev)
+        t0 = time.perf_counter()
         dist.all_reduce(t, group=self.group)
-        return t.tolist()
+        out = t.tolist()
+        self.wait_s += time.perf_counter() - t0
+        return out
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         t = t.contiguous()

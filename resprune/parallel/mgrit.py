@@ -41,6 +41,7 @@ Example (run under torchrun; on one process it degenerates to serial):
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -245,6 +246,12 @@ class MGRITEngine(Engine):
         info = self._layer_info(x)
         conv = cfg.mode == "converged"
         warm = cfg.warm_start and self._prev is not None and self._prev["shape"] == tuple(x.shape)
+        clock = [time.perf_counter()]
+        self.comm.wait_s = 0.0
+
+        def lap() -> float:  # seconds since the previous lap (phase timings for stats)
+            clock.append(time.perf_counter())
+            return clock[-1] - clock[-2]
 
         # forward: MGRIT on the states (no graph, BN running stats frozen)
         fsolver = MGRITSolver(self.fwd_levels, self.comm, self._fstep,
@@ -254,6 +261,7 @@ class MGRITEngine(Engine):
                                      cfg.tol if conv else None,
                                      "guess" if warm else cfg.initial,
                                      self._prev["u"] if warm else None)
+        t_fwd_solve = lap()
         # final sweep: F-relaxation that builds each owned layer's graph (BN stats update once)
         graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for a, b in fsolver.intervals(0):
@@ -264,6 +272,7 @@ class MGRITEngine(Engine):
                 graphs[n] = (inp, out)
                 s = out.detach()
 
+        t_fwd_sweep = lap()
         loss = torch.zeros((), dtype=torch.float64)
         lam_n = None
         if me == P - 1:
@@ -294,6 +303,7 @@ class MGRITEngine(Engine):
         lam, binfo = bsolver.solve(lam_n, x, cfg.bwd_iters, cfg.tol if conv else None,
                                    "guess" if warm else cfg.initial,
                                    self._prev["lam"] if warm else None)
+        t_bwd_solve = lap()
         # final adjoint sweep: parameter gradients from the final adjoints (each layer once)
         for a, b in bsolver.intervals(0):
             s = lam[a]
@@ -306,6 +316,7 @@ class MGRITEngine(Engine):
                     torch.autograd.backward(out, s, inputs=inputs)
                 s = inp.grad if inp.grad is not None else torch.zeros_like(inp)
 
+        t_bwd_sweep = lap()
         if cfg.warm_start:
             self._prev = {
                 "shape": tuple(x.shape),
@@ -313,8 +324,15 @@ class MGRITEngine(Engine):
                 "lam": {p: lam[p].detach() for p in bsolver.c_points()},
             }
         total = self.comm.all_reduce_sum([float(loss)])[0]
+        t_total = time.perf_counter() - clock[0]
         self.stats = {"fwd_iters": finfo.iterations, "fwd_residuals": finfo.residuals,
-                      "bwd_iters": binfo.iterations, "bwd_residuals": binfo.residuals}
+                      "bwd_iters": binfo.iterations, "bwd_residuals": binfo.residuals,
+                      # wall seconds of this rank's phases (the solves include waiting for
+                      # other ranks; comm_wait_s is all time blocked in communication)
+                      "times_s": {"fwd_solve": t_fwd_solve, "fwd_sweep": t_fwd_sweep,
+                                  "bwd_solve": t_bwd_solve, "bwd_sweep": t_bwd_sweep,
+                                  "total": t_total},
+                      "comm_wait_s": self.comm.wait_s}
         return total
 
     @property
