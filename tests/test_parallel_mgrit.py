@@ -203,6 +203,11 @@ def test_mgrit_simultaneous_and_warm_start_run():
     out = run_threads(2, fn)
     assert out[0][0] == out[1][0] and all(l == l for l in out[0][0])
     assert out[0][1]["fwd_iters"] == 2 and len(out[0][1]["fwd_residuals"]) == 2  # warm: 2 cycles
+    for _, st in out:  # phase timers: non-negative, the phases fit inside the total
+        t = st["times_s"]
+        phases = [t[k] for k in ("fwd_solve", "fwd_sweep", "bwd_solve", "bwd_sweep")]
+        assert min(phases) >= 0 and sum(phases) <= t["total"] + 1e-9
+        assert 0 < st["comm_wait_s"] <= t["total"]  # two ranks: at least the loss all-reduce
 
 
 def test_load_full_state_dict_from_serial():

@@ -175,16 +175,20 @@ class ThreadComm(Comm):
         self.g.queues[(self.rank, dst)].put(t.detach().clone())
 
     def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         t = self.g.queues[(src, self.rank)].get(timeout=60)
+        self.wait_s += time.perf_counter() - t0
         if tuple(t.shape) != tuple(shape):
             raise RuntimeError(f"rank {self.rank}: expected {shape} from {src}, got {tuple(t.shape)}")
         return t
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t0 = time.perf_counter()
         self.g.slots[self.rank] = list(values)
         self.g.barrier.wait()
         out = [sum(s[i] for s in self.g.slots) for i in range(len(values))]
         self.g.barrier.wait()
+        self.wait_s += time.perf_counter() - t0
         return out
 
     def _share(self, obj: object) -> list:
