@@ -81,7 +81,7 @@ def worker(a: argparse.Namespace) -> None:
             eng = create_engine("serial", model, F.cross_entropy, sgd)
         else:
             cfg = MGRITConfig(cf=a.cf, levels=a.levels, relax=a.relax, mode="simultaneous",
-                              fwd_iters=a.fwd_iters, bwd_iters=a.bwd_iters,
+                              fwd_iters=a.fwd_iters, bwd_iters=a.bwd_iters, coarse_params=a.coarse_params,
                               input_size=(1, tr.images.shape[-1], *tr.images.shape[1:3]))
             eng = create_engine("mgrit", model, F.cross_entropy, sgd, cfg)
 
@@ -159,7 +159,7 @@ def run_one(a: argparse.Namespace, engine: str, P: int, seed: int) -> dict:
            __file__, "--worker", "--engine", engine, "--seed", str(seed)]
     for k in ("data_dir", "layers", "width", "horizon", "batch", "eval_batch", "epochs", "max_steps",
               "train_subset", "test_subset", "train_eval", "lr", "momentum", "wd", "schedule", "warmup",
-              "recal_batches", "cf", "levels", "relax", "fwd_iters", "bwd_iters"):
+              "recal_batches", "cf", "levels", "relax", "fwd_iters", "bwd_iters", "coarse_params"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     if a.nesterov:
         cmd.append("--nesterov")
@@ -234,7 +234,8 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
     br = [v for run in runs for v in run["mgrit"]["bwd_res"] if v is not None]
     recal = getattr(a, "recal_batches", 0)
     return "\n".join([
-        f"## Run: {a.layers} layers, horizon {a.horizon:g}, lr {a.lr:g}, cf {a.cf}, {a.relax} "
+        f"## Run: {a.layers} layers, horizon {a.horizon:g}, lr {a.lr:g}, cf {a.cf}, "
+        f"{getattr(a, 'coarse_params', 'inject')}, {a.relax} "
         f"{a.fwd_iters}+{a.bwd_iters}, P = {m0['P']}", "",
         f"- Date: {started}; hardware: {cpu}; load average (1/5/15 min) right after each job: {load}",
         f"- Versions: torch {torch.__version__}, Python {platform.python_version()}, gloo backend, "
@@ -252,6 +253,7 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
            "'test acc' and 'train-slice' columns; the column 'running stats as trained' is before that"
            if recal else "as training left them"),
         f"- mgrit: P = {m0['P']}, simultaneous, cf = {a.cf}, levels = {a.levels}, relax {a.relax}, "
+        f"coarse parameters {getattr(a, 'coarse_params', 'inject')}, "
         f"fwd/bwd iterations {a.fwd_iters}/{a.bwd_iters} per step; {len(runs)} seed(s), 1 run each", "",
         *rows, "",
         f"Test accuracy over {len(runs)} seed(s): serial {_mean_std(sacc)} %, mgrit {_mean_std(macc)} %; "
@@ -291,6 +293,7 @@ def main() -> int:
     ap.add_argument("--cf", type=int, default=4)
     ap.add_argument("--levels", type=int, default=2)
     ap.add_argument("--relax", default="F", choices=["F", "FCF"])
+    ap.add_argument("--coarse-params", default="inject", choices=["inject", "average"])
     ap.add_argument("--fwd-iters", type=int, default=1)
     ap.add_argument("--bwd-iters", type=int, default=1)
     ap.add_argument("--procs", type=int, default=2)

@@ -253,3 +253,51 @@ def test_launch_helpers():
     cmd = torchrun_command(4, ["train", "r", "--nproc", "4"])
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-3:] == ["resprune", "train", "r"]
     assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "4"
+
+
+# ---- averaged coarse parameters ----------------------------------------------------------------
+def _chain(depth=12, seed=0):
+    torch.manual_seed(seed)
+    return rp.create_model("resconv_chain", depth=depth, width=8, horizon=1.0)
+
+
+def test_averaged_coarse_step_equals_injection_for_identical_layers():
+    from resprune.parallel.mgrit import averaged_coarse_step
+
+    m = _chain(4)
+    for b in list(m.blocks)[1:]:
+        b.load_state_dict(m.blocks[0].state_dict())
+    u = torch.randn(3, 8, 6, 6)
+    with torch.no_grad():
+        inj = F.relu(u + 4 * m.blocks[0].branch(u))
+        avg = averaged_coarse_step(list(m.blocks), u)
+    assert torch.allclose(avg, inj, rtol=1e-5, atol=1e-6)
+    assert averaged_coarse_step([m.blocks[0], m.stem], u) is None  # not a ResConv2d run
+
+
+def _mgrit_grads(base, cfg, x, y, P=2):
+    def fn(r, comm):
+        e = create_engine("mgrit", copy.deepcopy(base), F.cross_entropy, _sgd, cfg, comm=comm)
+        e.forward_backward(x, y)
+        return {n: p.grad.clone() for n, p in e.local_named_parameters()}
+
+    g = {k: v for o in run_threads(P, fn) for k, v in o.items()}
+    return torch.cat([g[n].flatten() for n, _ in base.named_parameters()])
+
+
+def test_averaged_coarse_params_converged_exact_and_simultaneous_closer():
+    base = _chain(12)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    ser = create_engine("serial", copy.deepcopy(base), F.cross_entropy, _sgd)
+    ser.forward_backward(x, y)
+    g0 = torch.cat([p.grad.flatten() for _, p in ser.local_named_parameters()])
+    kw = dict(cf=4, input_size=(1, 3, 8, 8))
+    # the coarse propagator changes the iteration, not its fixed point: converged = serial
+    gc = _mgrit_grads(base, MGRITConfig(mode="converged", coarse_params="average", tol=1e-7, **kw), x, y)
+    assert float((gc - g0).norm() / g0.norm()) <= 1e-5
+    # one-shot gradients: averaging the interval's parameters is closer than injection
+    # (here, at initialisation: relative error 0.245 vs 0.282; on the MNIST chain after 50
+    # training steps 0.40 vs 2.1, docs/parallel.md)
+    err = {cp: float((_mgrit_grads(base, MGRITConfig(coarse_params=cp, **kw), x, y) - g0).norm() / g0.norm())
+           for cp in ("inject", "average")}
+    assert err["average"] < err["inject"], err

@@ -84,6 +84,12 @@ class MGRITConfig:
         warm_start: start from the previous step's C-point states/adjoints when the batch
             shape is unchanged (otherwise and on the first step: nested coarse start).
         initial: ``"coarse"`` (nested iteration) or ``"zero"`` start when not warm.
+        coarse_params: how a coarse step gets its parameters from the ``m`` fine layers it
+            stands for: ``"inject"`` (the first layer's, times ``m``: classic MGRIT) or
+            ``"average"`` (identity-shortcut ResConv2d runs only: the mean conv kernel and
+            the summed BN affine ``Σ sᵢγᵢ, Σ sᵢβᵢ``, i.e. ``act(u + Σᵢ sᵢ·BNᵢ(W̄∗u))`` to first
+            order in how much the layers differ; its adjoint is the Jacobian of that step
+            at the interval's state). Other layers always inject.
         input_size: sample input shape used to classify layers and balance the partition.
         version: config format version.
 
@@ -101,6 +107,7 @@ class MGRITConfig:
     tol: float = 1e-6
     warm_start: bool = False
     initial: str = "coarse"
+    coarse_params: str = "inject"
     input_size: tuple[int, ...] = (1, 3, 32, 32)
     version: int = 1
 
@@ -121,6 +128,8 @@ class MGRITConfig:
                 raise ValueError(f"{k} must be an int >= 1, got {v!r}")
         if not (self.tol > 0):
             raise ValueError(f"tol must be > 0, got {self.tol!r}")
+        if self.coarse_params not in ("inject", "average"):
+            raise ValueError(f"coarse_params must be 'inject' or 'average', got {self.coarse_params!r}")
         if self.initial not in ("coarse", "zero"):
             raise ValueError(f"initial must be 'coarse' or 'zero', got {self.initial!r}")
         if len(self.input_size) < 2:
@@ -159,6 +168,26 @@ def _bn_stats_frozen(module: nn.Module):
     finally:
         for m in bns:
             m.track_running_stats = True
+
+
+def averaged_coarse_step(layers: list[nn.Module], u: torch.Tensor) -> torch.Tensor | None:
+    """``act(u + Σᵢ sᵢ·BNᵢ(W̄∗u))`` for a run of identity-shortcut ResConv2d layers of one
+    configuration (``W̄`` the mean kernel; batch statistics of ``W̄∗u``; affine ``Σ sᵢγᵢ``,
+    ``Σ sᵢβᵢ``), ``None`` when the run is anything else. It equals the sum of the layers'
+    increments at ``u`` when the kernels agree, and differs from it to first order in their
+    spread; parameter injection (``m·s₀γ₀``, ``W₀``) keeps only the first layer."""
+    first = layers[0]
+    if not all(isinstance(m, ResConv2d) and m.shortcut and m.identity_shortcut and m.bn.affine
+               and m.conv.weight.shape == first.conv.weight.shape and m.act == first.act
+               and m.conv.bias is None for m in layers):
+        return None
+    w = torch.stack([m.conv.weight for m in layers]).mean(0)
+    gamma = sum(m.scale * m.bn.weight for m in layers)
+    beta = sum(m.scale * m.bn.bias for m in layers)
+    c = first.conv
+    z = F.conv2d(u, w, None, c.stride, c.padding, c.dilation, c.groups)
+    y = u + F.batch_norm(z, None, None, gamma, beta, True, 0.0, first.bn.eps)
+    return F.relu(y) if first.act else y
 
 
 def _default_comm() -> Comm:
@@ -231,12 +260,19 @@ class MGRITEngine(Engine):
         layer = self.seq[t][1]
         if m is None:
             return layer(u)
+        if self.config.coarse_params == "average":
+            out = averaged_coarse_step(self._coarse_layers(t, m), u)
+            if out is not None:
+                return out
         inc = residual_increment(layer, u)
         if inc is None:  # unknown residual layer: scale its whole increment
             return u + m * (layer(u) - u)
         r, relu = inc
         y = u + m * r
         return F.relu(y) if relu else y
+
+    def _coarse_layers(self, first: int, m: int) -> list[nn.Module]:
+        return [self.seq[n][1] for n in range(first, first + m)]
 
     # ---- training ------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -291,6 +327,13 @@ class MGRITEngine(Engine):
             t, m = desc
             n = n_layers - 1 - t
             inp, out = graphs[n]
+            if m is not None and cfg.coarse_params == "average":
+                # the interval is layers n−m+1..n; linearise the averaged step at u[n]
+                with torch.enable_grad():
+                    v = inp.detach().requires_grad_(True)
+                    outc = averaged_coarse_step(self._coarse_layers(n - m + 1, m), v)
+                if outc is not None:
+                    return torch.autograd.grad(outc, v, lam)[0]
             (g,) = torch.autograd.grad(out, inp, lam, retain_graph=True)
             if m is None:
                 return g
