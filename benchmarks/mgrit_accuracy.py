@@ -303,6 +303,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="append the markdown report to this file")
     ap.add_argument("--json", default=None, help="write both runs' raw results (JSON) here")
     ap.add_argument("--from-json", default=None, help="only re-print the report of a --json file")
+    ap.add_argument("--serial-from", default=None,
+                    help="take the serial runs from this --json file (same settings) instead of rerunning")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="serial", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -318,10 +320,21 @@ def main() -> int:
         print(rep)
         return 0
     started = time.strftime("%Y-%m-%d %H:%M")
+    reuse = {}
+    if a.serial_from:  # serial runs of an earlier study with the same training settings
+        with open(a.serial_from) as f:
+            old = json.load(f)
+        same = ("data_dir", "layers", "width", "horizon", "batch", "eval_batch", "epochs", "max_steps",
+                "train_subset", "test_subset", "train_eval", "lr", "momentum", "nesterov", "wd", "schedule",
+                "warmup", "recal_batches")
+        diff = [k for k in same if old["args"].get(k) != getattr(a, k)]
+        if diff:
+            raise SystemExit(f"--serial-from {a.serial_from}: different settings {diff}")
+        reuse = {r["seed"]: r["serial"] for r in old["runs"]}
     runs = []
     for seed in [int(v) for v in a.seeds.split(",")]:
-        runs.append({"seed": seed, "serial": run_one(a, "serial", 1, seed),
-                     "mgrit": run_one(a, "mgrit", a.procs, seed)})
+        s_run = reuse[seed] if seed in reuse else run_one(a, "serial", 1, seed)
+        runs.append({"seed": seed, "serial": s_run, "mgrit": run_one(a, "mgrit", a.procs, seed)})
         if a.json:  # after every seed, so an interrupted study keeps what it measured
             with open(a.json, "w") as f:
                 json.dump({"args": vars(a), "runs": runs, "started": started}, f)
