@@ -97,7 +97,7 @@ def worker(a: argparse.Namespace) -> None:
             return 0.5 * (1 + math.cos(math.pi * (i - a.warmup) / max(1, total - a.warmup)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(eng.optimizer, lr_factor)
-        losses, fres, bres = [], [], []
+        losses, fres, bres, fdef, bdef = [], [], [], [], []
         diverged = False
         t0 = time.perf_counter()
         for _ in range(a.epochs):
@@ -109,6 +109,8 @@ def worker(a: argparse.Namespace) -> None:
                     fr, br = eng.stats.get("fwd_residuals") or [], eng.stats.get("bwd_residuals") or []
                     fres.append(fr[-1] if fr else None)
                     bres.append(br[-1] if br else None)
+                    fdef.append(eng.stats.get("fwd_defect"))
+                    bdef.append(eng.stats.get("bwd_defect"))
                 if not math.isfinite(loss):
                     diverged = True
                     break
@@ -140,7 +142,8 @@ def worker(a: argparse.Namespace) -> None:
             scales = torch.stack([sd[f"blocks.{i}.scale"].abs() for i in range(a.layers)])
             print("RESULT " + json.dumps({
                 "engine": a.engine, "P": world, "steps": len(losses), "losses": losses,
-                "fwd_res": fres, "bwd_res": bres, "diverged": diverged,
+                "fwd_res": fres, "bwd_res": bres, "fwd_defect": fdef, "bwd_defect": bdef,
+                "diverged": diverged,
                 "acc_test": acc_test, "acc_test_raw": acc_test_raw, "acc_train": acc_train, "n_test": len(te),
                 "n_train": len(tr), "n_train_eval": len(train_eval.labels),
                 "t_train": t_train, "t_eval": t_eval,
@@ -208,6 +211,8 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
     curve = ["| seed | engine | " + " | ".join(f"steps {i}/5" for i in range(1, 6)) + " |",
              "|---|---|" + "---|" * 5]
     notes, diffs, sacc, macc = [], [], [], []
+    defects = ["| seed | mgrit | " + " | ".join(f"steps {i}/5" for i in range(1, 6)) + " |",
+               "|---|---|" + "---|" * 5]
     for run in runs:
         s, m = run["serial"], run["mgrit"]
         for r, name in ((s, "serial"), (m, "mgrit simultaneous")):
@@ -217,6 +222,10 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
                         f"{r['acc_train']:.2f} | {sum(tail) / len(tail):.4f} | {r['t_train']:.0f} | "
                         f"{r['wall']:.0f} | {r['scale_mean']:.3f} / {r['scale_max']:.3f} |")
             curve.append(f"| {run['seed']} | {name} | " + " | ".join(_curve(r["losses"])) + " |")
+        for key, label in (("fwd_defect", "forward"), ("bwd_defect", "adjoint")):
+            vals = [v for v in m.get(key) or [] if v is not None]
+            if vals:
+                defects.append(f"| {run['seed']} | {label} | " + " | ".join(_curve(vals)) + " |")
             if r["diverged"]:
                 big = next((i + 1 for i, v in enumerate(r["losses"]) if not v < 3.0), None)
                 notes.append(f"seed {run['seed']}: {name} DIVERGED: training loss first above 3.0 at step {big}, "
@@ -261,6 +270,9 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
         f"(goal |diff| ≤ 0.5 for every seed: {'met' if met else 'NOT met'}).", *notes, "",
         "Train loss (as each engine reports it: mgrit's is the loss of its inexact forward states), "
         "mean over each fifth of the steps:", "", *curve, "",
+        *(["Relative C-point defect of the states (forward) and adjoints the mgrit gradients used, "
+           "‖Φ(u[c−1]) − u[c]‖/‖u[c]‖ over the C-points inside ranks (0 = exact), mean over each "
+           "fifth of the steps:", "", *defects, ""] if len(defects) > 2 else []),
         (f"mgrit last-iteration relative C-point residuals over the steps: forward median "
          f"{float(np.median(fr)):.2e} (max {max(fr):.2e}), adjoint median {float(np.median(br)):.2e} "
          f"(max {max(br):.2e})." if fr and br else

@@ -301,3 +301,21 @@ def test_averaged_coarse_params_converged_exact_and_simultaneous_closer():
     err = {cp: float((_mgrit_grads(base, MGRITConfig(coarse_params=cp, **kw), x, y) - g0).norm() / g0.norm())
            for cp in ("inject", "average")}
     assert err["average"] < err["inject"], err
+
+
+def test_defect_stats_measure_inexactness():
+    base = _chain(12)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    kw = dict(cf=4, input_size=(1, 3, 8, 8))
+
+    def stats(cfg):
+        def fn(r, comm):
+            e = create_engine("mgrit", copy.deepcopy(base), F.cross_entropy, _sgd, cfg, comm=comm)
+            e.forward_backward(x, y)
+            return e.stats
+        return run_threads(2, fn)
+
+    for st in stats(MGRITConfig(mode="converged", tol=1e-7, **kw)):  # same on every rank
+        assert st["fwd_defect"] <= 1e-5 and st["bwd_defect"] <= 1e-5, st
+    one = stats(MGRITConfig(**kw))
+    assert one[0]["fwd_defect"] == one[1]["fwd_defect"] > 1e-3 and one[0]["bwd_defect"] > 1e-3
