@@ -80,7 +80,7 @@ def worker(a: argparse.Namespace) -> None:
         if a.engine == "serial":
             eng = create_engine("serial", model, F.cross_entropy, sgd)
         else:
-            cfg = MGRITConfig(cf=a.cf, levels=a.levels, relax=a.relax, mode="simultaneous",
+            cfg = MGRITConfig(cf=a.cf, levels=a.levels, relax=a.relax, mode=a.mode, tol=a.tol,
                               fwd_iters=a.fwd_iters, bwd_iters=a.bwd_iters, coarse_params=a.coarse_params,
                               input_size=(1, tr.images.shape[-1], *tr.images.shape[1:3]))
             eng = create_engine("mgrit", model, F.cross_entropy, sgd, cfg)
@@ -97,7 +97,7 @@ def worker(a: argparse.Namespace) -> None:
             return 0.5 * (1 + math.cos(math.pi * (i - a.warmup) / max(1, total - a.warmup)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(eng.optimizer, lr_factor)
-        losses, fres, bres, fdef, bdef = [], [], [], [], []
+        losses, fres, bres, fdef, bdef, iters = [], [], [], [], [], []
         diverged = False
         t0 = time.perf_counter()
         for _ in range(a.epochs):
@@ -110,6 +110,7 @@ def worker(a: argparse.Namespace) -> None:
                     fres.append(fr[-1] if fr else None)
                     bres.append(br[-1] if br else None)
                     fdef.append(eng.stats.get("fwd_defect"))
+                    iters.append((eng.stats.get("fwd_iters"), eng.stats.get("bwd_iters")))
                     bdef.append(eng.stats.get("bwd_defect"))
                 if not math.isfinite(loss):
                     diverged = True
@@ -142,7 +143,7 @@ def worker(a: argparse.Namespace) -> None:
             scales = torch.stack([sd[f"blocks.{i}.scale"].abs() for i in range(a.layers)])
             print("RESULT " + json.dumps({
                 "engine": a.engine, "P": world, "steps": len(losses), "losses": losses,
-                "fwd_res": fres, "bwd_res": bres, "fwd_defect": fdef, "bwd_defect": bdef,
+                "fwd_res": fres, "bwd_res": bres, "fwd_defect": fdef, "bwd_defect": bdef, "iters": iters,
                 "diverged": diverged,
                 "acc_test": acc_test, "acc_test_raw": acc_test_raw, "acc_train": acc_train, "n_test": len(te),
                 "n_train": len(tr), "n_train_eval": len(train_eval.labels),
@@ -162,7 +163,7 @@ def run_one(a: argparse.Namespace, engine: str, P: int, seed: int) -> dict:
            __file__, "--worker", "--engine", engine, "--seed", str(seed)]
     for k in ("data_dir", "layers", "width", "horizon", "batch", "eval_batch", "epochs", "max_steps",
               "train_subset", "test_subset", "train_eval", "lr", "momentum", "wd", "schedule", "warmup",
-              "recal_batches", "cf", "levels", "relax", "fwd_iters", "bwd_iters", "coarse_params"):
+              "recal_batches", "cf", "levels", "relax", "fwd_iters", "bwd_iters", "coarse_params", "mode", "tol"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     if a.nesterov:
         cmd.append("--nesterov")
@@ -215,7 +216,7 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
                "|---|---|" + "---|" * 5]
     for run in runs:
         s, m = run["serial"], run["mgrit"]
-        for r, name in ((s, "serial"), (m, "mgrit simultaneous")):
+        for r, name in ((s, "serial"), (m, f"mgrit {getattr(a, 'mode', 'simultaneous')}")):
             tail = r["losses"][-max(1, len(r["losses"]) // 10):]
             raw = r.get("acc_test_raw", float("nan"))
             rows.append(f"| {run['seed']} | {name} | {r['P']} | {r['steps']} | {r['acc_test']:.2f} | {raw:.2f} | "
@@ -261,13 +262,20 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
         + (f"re-estimated from {recal} training batches (exact forward, both engines) before the "
            "'test acc' and 'train-slice' columns; the column 'running stats as trained' is before that"
            if recal else "as training left them"),
-        f"- mgrit: P = {m0['P']}, simultaneous, cf = {a.cf}, levels = {a.levels}, relax {a.relax}, "
+        f"- mgrit: P = {m0['P']}, {getattr(a, 'mode', 'simultaneous')}"
+        f"{f' (tol {a.tol:g})' if getattr(a, 'mode', '') == 'converged' else ''}, cf = {a.cf}, "
+        f"levels = {a.levels}, relax {a.relax}, "
         f"coarse parameters {getattr(a, 'coarse_params', 'inject')}, "
-        f"fwd/bwd iterations {a.fwd_iters}/{a.bwd_iters} per step; {len(runs)} seed(s), 1 run each", "",
+        f"fwd/bwd iterations {'at most ' if getattr(a, 'mode', '') == 'converged' else ''}"
+        f"{a.fwd_iters}/{a.bwd_iters} per step; {len(runs)} seed(s), 1 run each", "",
         *rows, "",
         f"Test accuracy over {len(runs)} seed(s): serial {_mean_std(sacc)} %, mgrit {_mean_std(macc)} %; "
         f"difference mgrit − serial per seed: {', '.join(f'{d:+.2f}' for d in diffs)} points "
         f"(goal |diff| ≤ 0.5 for every seed: {'met' if met else 'NOT met'}).", *notes, "",
+        *([f"mgrit iterations per step (forward, adjoint), mean over the steps: " + "; ".join(
+            f"seed {run['seed']}: {np.mean([i[0] for i in run['mgrit']['iters']]):.2f}, "
+            f"{np.mean([i[1] for i in run['mgrit']['iters']]):.2f}" for run in runs if run['mgrit'].get('iters')), ""]
+          if any(run['mgrit'].get('iters') for run in runs) else []),
         "Train loss (as each engine reports it: mgrit's is the loss of its inexact forward states), "
         "mean over each fifth of the steps:", "", *curve, "",
         *(["Relative C-point defect of the states (forward) and adjoints the mgrit gradients used, "
@@ -306,6 +314,9 @@ def main() -> int:
     ap.add_argument("--levels", type=int, default=2)
     ap.add_argument("--relax", default="F", choices=["F", "FCF"])
     ap.add_argument("--coarse-params", default="inject", choices=["inject", "average"])
+    ap.add_argument("--mode", default="simultaneous", choices=["simultaneous", "converged"],
+                    help="converged with a loose --tol and small caps = iterations adapt per step")
+    ap.add_argument("--tol", type=float, default=1e-6, help="converged mode's relative C-point residual")
     ap.add_argument("--fwd-iters", type=int, default=1)
     ap.add_argument("--bwd-iters", type=int, default=1)
     ap.add_argument("--procs", type=int, default=2)
