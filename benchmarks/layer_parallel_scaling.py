@@ -125,6 +125,8 @@ def fit_and_model(rows: dict, N: int, cf: int) -> dict:
     solve, sweep = ph["fwd_solve"] + ph["bwd_solve"], ph["fwd_sweep"] + ph["bwd_sweep"]
     hops = [r["hop_s"] for r in rows.values() if "hop_s" in r]
     return {"tau": rows[1]["serial"]["median_s"] / N, "coarse": solve / (N / cf), "fine": sweep / N,
+            "c_fwd": ph["fwd_solve"] / (N / cf), "c_bwd": ph["bwd_solve"] / (N / cf),
+            "f_fwd": ph["fwd_sweep"] / N, "f_bwd": ph["bwd_sweep"] / N,
             "other": max(0.0, r1["median_s"] - solve - sweep),
             "alpha": statistics.median(hops) if hops else 0.0}
 
@@ -135,6 +137,18 @@ def model_time(m: dict, N: int, P: int, cf: int, rho: float = 1.0) -> float:
     fine sweeps and the update run concurrently (N/P layers a rank). ``rho``: slowdown of a
     rank's compute when P ranks run at once (1 = one idle core each)."""
     return rho * (m["coarse"] * N / cf + (m["fine"] * N + m["other"]) / P) + 2 * m["alpha"] * (P - 1)
+
+
+def model_time_iters(m: dict, N: int, P: int, cf: int, relax: str, kf: int, kb: int) -> float:
+    """Critical path with ``kf``/``kb`` forward/adjoint iterations (the nested start is the
+    first): each iteration solves the coarse grid rank after rank (``c_fwd``, ``c_bwd`` a
+    coarse step); each after the first adds a relaxation over the rank's N/P layers (F: one
+    sweep, FCF: two, at the solve sweeps' per-layer cost ``f_fwd``/``f_bwd``) and a hop per rank
+    boundary; then the final sweeps and the update, N/P layers a rank. One idle core a rank."""
+    sweeps = 1 if relax == "F" else 2
+    fwd = kf * m["c_fwd"] * N / cf + (kf - 1) * sweeps * m["f_fwd"] * N / P
+    bwd = kb * m["c_bwd"] * N / cf + (kb - 1) * sweeps * m["f_bwd"] * N / P
+    return fwd + bwd + (m["fine"] * N + m["other"]) / P + (kf + kb) * m["alpha"] * (P - 1)
 
 
 def contention(rows: dict, m: dict, N: int, P: int) -> float | None:
@@ -163,12 +177,19 @@ def main() -> int:
     ap.add_argument("--converged-at", type=int, nargs="*", default=[2])
     ap.add_argument("--out", default=None, help="write the markdown report here")
     ap.add_argument("--json", default=None, help="write the raw measurements (JSON) here")
+    ap.add_argument("--from-json", default=None, help="only re-print the report of a --json file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
     rows, started = {}, time.strftime("%Y-%m-%d %H:%M")
-    for P in a.procs:
+    if a.from_json:  # re-print the report of earlier measurements
+        with open(a.from_json) as f:
+            d = json.load(f)
+        rows, started = {int(k): v for k, v in d["rows"].items()}, d["started"]
+        for k in ("layers", "width", "batch", "steps", "cf", "levels"):
+            setattr(a, k, d["args"][k])
+    for P in ([] if a.from_json else a.procs):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(P), __file__, "--worker", "--layers", str(a.layers), "--width", str(a.width),
                "--batch", str(a.batch), "--steps", str(a.steps), "--cf", str(a.cf),
@@ -181,7 +202,7 @@ def main() -> int:
             return 1
         rows[P] = json.loads(line[0][6:])
         print(f"P={P} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    if a.json:
+    if a.json and not a.from_json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rows": rows, "started": started}, f)
     N, cores = a.layers, os.cpu_count() or 1
@@ -223,6 +244,17 @@ def main() -> int:
             tb = model_time(m, NN, P, c, rho_busy)
             ext.append(f"| {P} (N={NN}) | {c} | {t:.3f} | {m['tau'] * NN / t:.2f} | {m['tau'] * NN / t / P:.2f} "
                        f"| {m['tau'] * NN / tb:.2f} |")
+    iters = ["| relaxation, iterations (fwd + adj) | P = 8, N = 256, cf 4 | P = 8, N = 256, best cf "
+             "| P = 16, N = 1024, cf 4 | P = 16, N = 1024, best cf |", "|---|---|---|---|---|"]
+    for relax, kf, kb in (("F", 1, 1), ("F", 2, 2), ("FCF", 2, 2), ("FCF", 3, 3), ("FCF", 4, 4)):
+        cells = []
+        for NN, P in ((N, 8), (4 * N, 16)):
+            cands = [c for c in (2, 4, 8, 16, 32, 64) if c <= max(2, NN // P)]
+            best = min(cands, key=lambda c: model_time_iters(m, NN, P, c, relax, kf, kb))
+            for c in (4, best):
+                cells.append(f"{'' if c == 4 else f'cf {c}: '}"
+                             f"{m['tau'] * NN / model_time_iters(m, NN, P, c, relax, kf, kb):.2f}")
+        iters.append(f"| {relax}, {kf} + {kb} | " + " | ".join(cells) + " |")
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = "; ".join(ln.strip() for ln in lscpu.splitlines()
                     if ln.split(":")[0].strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Architecture"))
@@ -252,7 +284,13 @@ def main() -> int:
         "## Cost model extrapolation (a MODEL, not a measurement)", "",
         "T_mgrit as above with ρ = 1 and the best cf, T_serial = N·τ. Assumes one core per rank "
         "with the per-layer costs measured here and communication like loopback gloo.", "",
-        *ext, ""])
+        *ext, "",
+        "More iterations per step (the settings that train accurately, see "
+        "benchmarks/results/mgrit_accuracy.md) cost coarse solves and relaxation sweeps; the same "
+        "model with per-iteration costs from the P = 1 phase timers (a relaxation sweep costs "
+        "what the final sweep of that direction costs; an upper bound) gives these speedups, "
+        "at the model's best cf. A MODEL, one idle core per rank:", "",
+        *iters, ""])
     print(report)
     if a.out:
         with open(a.out, "w") as f:
