@@ -194,9 +194,13 @@ def _curve(losses: list[float], parts: int = 5) -> list[str]:
 
 
 def _mean_std(v: list[float]) -> str:
-    if len(v) == 1:
-        return f"{v[0]:.2f}"
-    return f"{float(np.mean(v)):.2f} ± {float(np.std(v, ddof=1)):.2f}"
+    """``mean ± std %`` of the finite values, and how many runs diverged (NaN)."""
+    bad = sum(1 for x in v if not math.isfinite(x))
+    v = [x for x in v if math.isfinite(x)]
+    if not v:
+        return f"{bad} diverged"
+    txt = f"{v[0]:.2f} %" if len(v) == 1 else f"{float(np.mean(v)):.2f} ± {float(np.std(v, ddof=1)):.2f} %"
+    return f"{txt} over {len(v)} finished run(s), {bad} diverged" if bad else txt
 
 
 def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
@@ -223,14 +227,14 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
                         f"{r['acc_train']:.2f} | {sum(tail) / len(tail):.4f} | {r['t_train']:.0f} | "
                         f"{r['wall']:.0f} | {r['scale_mean']:.3f} / {r['scale_max']:.3f} |")
             curve.append(f"| {run['seed']} | {name} | " + " | ".join(_curve(r["losses"])) + " |")
-        for key, label in (("fwd_defect", "forward"), ("bwd_defect", "adjoint")):
-            vals = [v for v in m.get(key) or [] if v is not None]
-            if vals:
-                defects.append(f"| {run['seed']} | {label} | " + " | ".join(_curve(vals)) + " |")
             if r["diverged"]:
                 big = next((i + 1 for i, v in enumerate(r["losses"]) if not v < 3.0), None)
                 notes.append(f"seed {run['seed']}: {name} DIVERGED: training loss first above 3.0 at step {big}, "
                              f"non-finite at step {r['steps']}; the run stopped there and was not evaluated.")
+        for key, label in (("fwd_defect", "forward"), ("bwd_defect", "adjoint")):
+            vals = [v for v in m.get(key) or [] if v is not None]
+            if vals:
+                defects.append(f"| {run['seed']} | {label} | " + " | ".join(_curve(vals)) + " |")
         diffs.append(m["acc_test"] - s["acc_test"])
         sacc.append(s["acc_test"])
         macc.append(m["acc_test"])
@@ -246,7 +250,8 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
     return "\n".join([
         f"## Run: {a.layers} layers, horizon {a.horizon:g}, lr {a.lr:g}, cf {a.cf}, "
         f"{getattr(a, 'coarse_params', 'inject')}, {a.relax} "
-        f"{a.fwd_iters}+{a.bwd_iters}, P = {m0['P']}", "",
+        + (f"converged to tol {a.tol:g} (≤ {a.fwd_iters}+{a.bwd_iters})" if getattr(a, "mode", "") == "converged"
+           else f"{a.fwd_iters}+{a.bwd_iters}") + f", P = {m0['P']}", "",
         f"- Date: {started}; hardware: {cpu}; load average (1/5/15 min) right after each job: {load}",
         f"- Versions: torch {torch.__version__}, Python {platform.python_version()}, gloo backend, "
         "one thread per process, CPU",
@@ -269,7 +274,7 @@ def report(a: argparse.Namespace, runs: list[dict], started: str) -> str:
         f"fwd/bwd iterations {'at most ' if getattr(a, 'mode', '') == 'converged' else ''}"
         f"{a.fwd_iters}/{a.bwd_iters} per step; {len(runs)} seed(s), 1 run each", "",
         *rows, "",
-        f"Test accuracy over {len(runs)} seed(s): serial {_mean_std(sacc)} %, mgrit {_mean_std(macc)} %; "
+        f"Test accuracy over {len(runs)} seed(s): serial {_mean_std(sacc)}, mgrit {_mean_std(macc)}; "
         f"difference mgrit − serial per seed: {', '.join(f'{d:+.2f}' for d in diffs)} points "
         f"(goal |diff| ≤ 0.5 for every seed: {'met' if met else 'NOT met'}).", *notes, "",
         *([f"mgrit iterations per step (forward, adjoint), mean over the steps: " + "; ".join(
