@@ -77,8 +77,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser and schedule. Weight decay never applies to BN, biases or layer scales
-    (the scales are governed by ``l1`` alone)."""
+    """Optimiser and schedule. Weight decay applies to conv/linear weights and to the BN
+    affine parameters inside ResConv layers (so a scale cannot escape ``l1`` through γ), never
+    to biases, other BN or the layer scales (governed by ``l1`` alone)."""
 
     epochs: int = 10
     lr: float = 0.1
@@ -146,6 +147,8 @@ class PruneStageConfig:
 class ExportConfig:
     onnx: bool = True
     opset: int | None = None
+    atol: float = 1e-4  # onnxruntime check: max |difference| of the logits ≤ atol + rtol·max|logit|
+    rtol: float = 1e-6
     bench: bool = True
     bench_batches: tuple = (1, 64)
     bench_runs: int = 30

@@ -140,6 +140,8 @@ def export_run_dir(
     input_size: tuple[int, ...] | None = None,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-6,
 ) -> dict[str, dict]:
     """Export the run's fused checkpoints to verified ONNX files with sidecars.
 
@@ -149,6 +151,10 @@ def export_run_dir(
             ``(1, 3, 32, 32)``, 224² for torchvision models).
         opset: ONNX opset (default: the exporter's).
         dynamic_batch: symbolic batch dimension.
+        atol, rtol: the onnxruntime check's tolerance on the logits, ``atol + rtol·max|logit|``
+            (the relative part keeps float32 rounding of nets with huge logits, e.g. after a
+            very short training run, from failing the check; 1e-6 is ~6× the rounding floor
+            measured on such a ResNet-56).
 
     Returns:
         ``{"unpruned": sidecar, "pruned": sidecar}``.
@@ -163,7 +169,8 @@ def export_run_dir(
         payload = load_payload(srcs[key])
         model = load(srcs[key])
         size = _input_size(run_dir, payload, input_size, model, METRICS_STAGE[key])
-        out[key] = export_onnx(model, run_dir / rel, size, dynamic_batch, opset, source=srcs[key])
+        out[key] = export_onnx(model, run_dir / rel, size, dynamic_batch, opset, source=srcs[key],
+                               atol=atol, rtol=rtol)
         logger.info("export: %s → %s", srcs[key], run_dir / rel)
     return out
 
@@ -430,7 +437,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         res = export_run_dir(args.run_dir, input_size=tuple(args.input_size) if args.input_size else None,
-                             opset=args.opset, dynamic_batch=not args.static_batch)
+                             opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
+                             rtol=args.rtol)
     except (RunDirError, CheckpointError, OnnxVerificationError, ValueError) as exc:
         return _fail("export", exc)
     for key, info in res.items():
@@ -479,6 +487,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    help="input shape (default: from the checkpoint/recipe, else 1 3 32 32)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, >= 18)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to N")
+    p.add_argument("--atol", type=float, default=1e-4, help="onnxruntime check: absolute tolerance on the logits")
+    p.add_argument("--rtol", type=float, default=1e-6,
+                   help="onnxruntime check: tolerance relative to the largest |logit| (added to --atol)")
     p.set_defaults(func=_cmd_export)
     return p
 

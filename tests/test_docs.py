@@ -27,3 +27,17 @@ def test_docstring_examples(mod):
     m = importlib.import_module(mod)
     res = doctest.testmod(m, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert res.failed == 0
+
+
+def test_readme_recipe_reference_names_every_field():
+    from dataclasses import fields
+
+    from resprune.config import SECTIONS, Recipe
+
+    text = (ROOT / "README.md").read_text()
+    ref = text[text.index("**Recipe reference**"):]
+    ref = ref[:ref.index("\n\n", ref.index("| key |"))]
+    names = {f"`{s}.{f.name}`" for s, cls in SECTIONS.items() if s != "finetune" for f in fields(cls)}
+    names |= {f"`{f.name}`" for f in fields(Recipe) if f.name not in SECTIONS}
+    missing = sorted(n for n in names if n not in ref)
+    assert not missing, f"README recipe reference lacks {missing}"

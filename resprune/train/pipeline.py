@@ -251,7 +251,8 @@ def run_all(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=No
     stage_finetune(recipe, run, resume=resume)
     stage_fuse(recipe, run)
     if recipe.export.onnx:
-        report_mod.export_run_dir(run.path, opset=recipe.export.opset)
+        report_mod.export_run_dir(run.path, opset=recipe.export.opset, atol=recipe.export.atol,
+                                  rtol=recipe.export.rtol)
         if recipe.export.bench:
             report_mod.bench_run_dir(
                 run.path, batches=list(recipe.export.bench_batches), runs=recipe.export.bench_runs,
