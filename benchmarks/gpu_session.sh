@@ -2,9 +2,8 @@
 # The GPU checks of the data/training issue, as ONE device call (the device tool's budget is
 # 15 minutes a session, start-up included: plan one call of about 10 minutes).
 #
-# Preparation on the development machine, once, in the repository root (both folders are
-# ignored via .git/info/exclude and travel with `carry`):
-#   echo /.whl/ >> .git/info/exclude; echo /.data/ >> .git/info/exclude
+# Preparation on the development machine, once, in the repository root (.whl/ and .data/
+# are git-ignored and travel with `carry`):
 #   mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_17_x86_64 -d .whl thop==0.1.1.post2209072238

@@ -132,8 +132,9 @@ def _maybe_parallel(args: argparse.Namespace, recipe):
     if recipe.engine == "serial" and recipe.nproc == 1:
         return None, None
     from .parallel import launch
-    from .train.pipeline import make_engine
+    from .train.pipeline import engine_config, make_engine
 
+    engine_config(recipe)  # bad engine names/options fail here, before torchrun or any file
     if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start the processes
         return launch.relaunch_with_torchrun(recipe.nproc, sys.argv[1:]), None
     launch.init_distributed()

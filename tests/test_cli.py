@@ -67,10 +67,15 @@ def test_threshold_that_would_delete_a_stage(run_dir, capsys):
     (["train", "quickstart", "--set", "train.epoch=1"], "unknown recipe key 'train.epoch'"),
     (["train", "resnet20_mnist", "--data-dir", "/nonexistent/data"], "does not exist"),
     (["train", "no_such_recipe"], "no recipe"),
+    (["train", "quickstart", "--engine", "mgrit", "--nproc", "2", "--set", "engine_options.coarse=average"],
+     "unknown engine_options key(s) coarse"),
+    (["train", "quickstart", "--engine", "mgrit", "--nproc", "2", "--set", "engine_options.cf=1"],
+     "engine_options: cf (coarsening factor) must be an int >= 2"),
 ])
 def test_errors(tmp_path, capsys, argv, match):
     assert main([*argv, "--out", str(tmp_path / "r")]) == 2
     assert match in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written, no process started
 
 
 def test_missing_and_corrupt_inputs(tmp_path, capsys):

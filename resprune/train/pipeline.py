@@ -117,11 +117,42 @@ def build_model(recipe: Recipe, train_loader: DeviceLoader) -> torch.nn.Module:
     return create_model(recipe.model.name, num_classes=train_loader.num_classes, **kw)
 
 
+def engine_config(recipe: Recipe, input_size: tuple[int, ...] | None = None):
+    """The engine's config object from ``recipe.engine_options`` (``None`` for engines without
+    one); bad names, keys or values raise :class:`RecipeError` naming them, so a run fails
+    before any process starts or any file is written."""
+    from dataclasses import fields
+
+    from ..config import RecipeError
+    from ..parallel import MGRITConfig, list_engines
+
+    if recipe.engine not in list_engines():
+        raise RecipeError(f"engine={recipe.engine!r} is unknown; known: {', '.join(list_engines())}")
+    if recipe.engine != "mgrit":
+        if recipe.engine_options:
+            raise RecipeError(f"engine_options {sorted(recipe.engine_options)} given, but engine "
+                              f"{recipe.engine!r} takes none")
+        return None
+    opts = dict(recipe.engine_options)
+    valid = {f.name for f in fields(MGRITConfig)}
+    unknown = sorted(set(opts) - valid)
+    if unknown:
+        raise RecipeError(f"unknown engine_options key(s) {', '.join(unknown)} for engine 'mgrit'; "
+                          f"valid: {', '.join(sorted(valid))}")
+    if input_size is not None:
+        opts.setdefault("input_size", tuple(input_size))
+    opts["input_size"] = tuple(opts.get("input_size", (1, 3, 32, 32)))
+    try:
+        return MGRITConfig(**opts)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"engine_options: {exc}") from exc
+
+
 def make_engine(model: torch.nn.Module, recipe: Recipe, input_size: tuple[int, ...] | None = None):
     """The layer-parallel engine a recipe asks for (collective: every rank calls it)."""
     import torch.nn.functional as F
 
-    from ..parallel import MGRITConfig, create_engine
+    from ..parallel import create_engine
     from ..sparsity import LayerScaleL1
     from .loop import param_groups
 
@@ -134,13 +165,7 @@ def make_engine(model: torch.nn.Module, recipe: Recipe, input_size: tuple[int, .
     def loss_fn(out, y):
         return F.cross_entropy(out.float(), y, label_smoothing=t.label_smoothing)
 
-    config = None
-    if recipe.engine == "mgrit":
-        opts = dict(recipe.engine_options)
-        if input_size is not None:
-            opts.setdefault("input_size", tuple(input_size))
-        opts["input_size"] = tuple(opts.get("input_size", (1, 3, 32, 32)))
-        config = MGRITConfig(**opts)
+    config = engine_config(recipe, input_size)
     # prox mode: the trainer soft-thresholds the owned scales; subgradient: the engine adds it
     reg = LayerScaleL1(t.l1) if (t.l1 > 0 and t.l1_mode == "subgradient") else None
     return create_engine(recipe.engine, model, loss_fn, optimizer_factory, config, regularizer=reg)
