@@ -142,9 +142,11 @@ def _maybe_parallel(args: argparse.Namespace, recipe):
 
 
 def cmd_train(args: argparse.Namespace, full: bool = False) -> int:
+    from .data import check_data
     from .train import pipeline
 
     recipe = _resolve_recipe(args)
+    check_data(recipe.data.dataset, recipe.data.data_dir)  # before any process or file
     rc, factory = _maybe_parallel(args, recipe)
     if rc is not None:
         return rc

@@ -34,7 +34,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArrayDataset", "DatasetNotFound", "load_arrays", "DATASETS", "resolve_data_dir"]
+__all__ = ["ArrayDataset", "DatasetNotFound", "load_arrays", "check_data", "DATASETS", "resolve_data_dir"]
 
 DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "digits")
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -214,10 +214,21 @@ def _digits() -> tuple[ArrayDataset, ArrayDataset]:
 # ----------------------------------------------------------------------------- entry
 def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) uint8 arrays of data set ``name`` found under ``data_dir``/RESPRUNE_DATA."""
+    return _locate(name, data_dir)()
+
+
+def check_data(name: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Raise :class:`DatasetNotFound` (or ``ValueError``) when :func:`load_arrays` would,
+    without reading any image: for failing early, before a run writes anything."""
+    _locate(name, data_dir)
+
+
+def _locate(name: str, data_dir: str | os.PathLike | None):
+    """A zero-argument loader for data set ``name``, or the error saying what is missing."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if name == "digits":
-        return _digits()
+        return _digits
     root = resolve_data_dir(data_dir)
     if root is None:
         raise DatasetNotFound(
@@ -240,23 +251,23 @@ def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> tuple[A
         marker = "train" if hundred else "data_batch_1"
         for p in candidates(tv, f"{name}/{tv}", ""):
             if (p / marker).is_file():
-                return _cifar_pickles(p, hundred)
+                return lambda p=p: _cifar_pickles(p, hundred)
         for p in candidates(name, ""):
             if (p / "train").is_dir() and (p / "test").is_dir():
-                return _imagefolder(p)
+                return lambda p=p: _imagefolder(p)
         if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
-            return _imagefolder_tar(root)
+            return lambda: _imagefolder_tar(root)
         what = f"{tv}/{marker} (torchvision format) or train/<class>/ + test/<class>/ (ImageFolder)"
     elif name == "mnist":
         for p in candidates("MNIST/raw", "mnist/MNIST/raw", "raw", ""):
             if any((p / f"train-images-idx3-ubyte{s}").is_file() for s in ("", ".gz")):
-                return _mnist(p)
+                return lambda p=p: _mnist(p)
         what = "MNIST/raw/train-images-idx3-ubyte (torchvision format)"
     else:  # imagefolder
         if root.is_file():
-            return _imagefolder_tar(root)
+            return lambda: _imagefolder_tar(root)
         for p in candidates(""):
             if (p / "train").is_dir() and (p / "test").is_dir():
-                return _imagefolder(p)
+                return lambda p=p: _imagefolder(p)
         what = "train/<class>/ and test/<class>/"
     raise DatasetNotFound(f"no {name} data found: looked for {what} in {', '.join(dict.fromkeys(looked))}")
