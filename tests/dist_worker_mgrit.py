@@ -6,7 +6,8 @@ reference and the mgrit engine collectively, and checks:
 1. converged mode (resnet20, 16×16 inputs, L1 regularizer): loss, eval_forward logits and
    every parameter gradient equal serial's within 1e-5 relative; after an optimizer step the
    gathered full_state_dict (parameters and BN running stats) equals serial's; forward and
-   adjoint residuals fall at every iteration; load_full_state_dict round trip;
+   adjoint residuals fall at every iteration; load_full_state_dict round trip; the step's
+   stats: C-point defects at rounding level, time blocked in communication within the total;
 2. MGRIT exactness: from a zero start, after as many iterations as there are coarse
    intervals the forward solution (loss and gradients) equals serial's up to rounding;
 3. simultaneous mode: a few dozen SGD steps on a deep ResConv chain (with a stride-2
@@ -103,6 +104,14 @@ def main() -> int:
     falls = all(b < a for a, b in zip(fr, fr[1:])) and all(b < a for a, b in zip(br, br[1:]))
     check("residuals fall", falls and len(fr) >= 2 and fr[-1] <= 1e-7 and br[-1] <= 1e-7,
           f"forward {['%.1e' % r for r in fr]}, adjoint {['%.1e' % r for r in br]}")
+    st = eng.stats  # converged: the defect of the final states/adjoints is at the tolerance level
+    t = st["times_s"]
+    fd, bd = st["fwd_defect"], st["bwd_defect"]
+    check("stats", fd is not None and bd is not None and fd <= 1e-7 and bd <= 1e-7
+          and 0 < st["comm_wait_s"] <= t["total"]
+          and sum(t[k] for k in ("fwd_solve", "fwd_sweep", "bwd_solve", "bwd_sweep")) <= t["total"],
+          f"defects {fd} / {bd}, blocked {st['comm_wait_s']:.3f} s "
+          f"of {t['total']:.3f} s")
     ev = eng.eval_forward(x)
     check("eval_forward", rel(ev, ser.eval_forward(x)) <= TOL, f"relative error {rel(ev, ser.eval_forward(x)):.2e}")
     ser.optimizer.step()

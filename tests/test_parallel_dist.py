@@ -32,5 +32,5 @@ def test_mgrit_matches_serial(nproc: int) -> None:
     print("\n".join(results))
     assert results, out[-4000:]
     assert not [line for line in results if "FAIL" in line], "\n".join(results)
-    assert len(results) == 9, out[-4000:]
+    assert len(results) == 10, out[-4000:]
     assert r.returncode == 0, out[-4000:]
