@@ -100,8 +100,9 @@ class DistComm(Comm):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._pending: list = []
-        #: seconds spent blocked in ``recv``/``wait``/``all_reduce_sum`` (waiting for other
-        #: ranks plus transfer); engines reset it per step to report idle time
+        #: seconds the host spent blocked in ``recv``/``wait``/``all_reduce_sum`` (waiting for
+        #: other ranks plus transfer); engines reset it per step to report idle time. With
+        #: NCCL the calls are asynchronous to the host, so this under-counts GPU idle time.
         self.wait_s = 0.0
 
     def _global(self, r: int) -> int:
