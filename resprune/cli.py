@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -99,28 +100,79 @@ def _resolve_recipe(args: argparse.Namespace):
         overrides += [f"train.device={args.device}", f"finetune.device={args.device}"]
     if args.engine:
         overrides.append(f"engine={args.engine}")
-    if args.nproc:
+    if args.nproc is not None:  # 0 too: the recipe check refuses it
         overrides.append(f"nproc={args.nproc}")
-    return load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.nproc > 1 and recipe.engine == "serial":
+        from .config import RecipeError
+
+        raise RecipeError(f"nproc={recipe.nproc} needs a layer-parallel engine (--engine mgrit); "
+                          "the serial engine trains in one process")
+    _check_model_kwargs(recipe)
+    return recipe
+
+
+def _check_model_kwargs(recipe) -> None:
+    """Build the recipe's model without memory (meta device) so that a bad ``model.kwargs``
+    key or value is a recipe error before any file or process exists."""
+    import torch
+
+    from .config import RecipeError
+    from .models import create_model
+
+    if "num_classes" in recipe.model.kwargs:
+        raise RecipeError("model.kwargs.num_classes: the number of classes comes from the data set; remove it")
+    try:
+        with torch.device("meta"):
+            create_model(recipe.model.name, **{"num_classes": 10, **recipe.model.kwargs})
+    except TypeError as exc:
+        why = re.sub(r"^[\w.<>]+\(\)\s*", "", str(exc))  # "factory() got an unexpected ..." → "got an ..."
+        raise RecipeError(f"model.kwargs {recipe.model.kwargs}: {recipe.model.name} {why}") from exc
+    except Exception:  # anything else surfaces when the real model is built
+        pass
 
 
 def _prepare_run_dir(args: argparse.Namespace, recipe):
+    from .serialization import remove_stale_temp
     from .train.pipeline import RunDir
 
     out = args.out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _is_main():  # torchrun ranks > 0 only read; rank 0 owns the directory
         return RunDir(out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
+    results = _results_in(out)
+    if results and not args.resume:
         raise FileExistsError(f"run directory {out} exists and is not empty: pass --resume to continue it, "
                               "or choose another --out (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"cannot write the run directory {out}: {exc.strerror or exc}; "
+                              "choose a writable --out") from None
     run = RunDir(out)
-    if args.resume and (out / "recipe.json").is_file():
+    if results and (out / "recipe.json").is_file():  # --resume of a run with results
         old = run.recipe()
         if old != recipe:
             raise ValueError(f"--resume: the recipe differs from {out}/recipe.json; resume with the same recipe")
+    elif (out / "recipe.json").is_file():
+        logger.info("reusing %s: it holds no results (only the recipe.json of a run that failed early)", out)
+    for d in (out, out / "checkpoints", out / "onnx"):  # leftovers of a run killed mid-write
+        for f in remove_stale_temp(d):
+            logger.info("removed %s (a partial file of a run that was killed)", f)
     run.write_json("recipe.json", recipe.to_dict())
     return run
+
+
+def _results_in(out: Path) -> list[Path]:
+    """Files of ``out`` other than ``recipe.json`` (a run that failed before writing anything
+    else holds no results, and its directory may be used again)."""
+    if not out.is_dir():
+        return []
+    return [f for f in out.rglob("*") if f.is_file() and f != out / "recipe.json" and ".tmp-" not in f.name]
 
 
 def _is_main() -> bool:
@@ -186,7 +238,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models
 
-    print("\n".join(list_models(args.pattern)))
+    names = list_models(args.pattern)
+    if not names:
+        hint = "" if any(c in args.pattern for c in "*?[") else f" (patterns are shell-style: try '*{args.pattern}*')"
+        print(f"resprune models: no registered model matches {args.pattern!r}{hint}", file=sys.stderr)
+        return 1
+    print("\n".join(names))
     return 0
 
 
@@ -241,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         code = int(args.func(args) or 0)
-    except (RecipeError, DatasetNotFound, CheckpointError, TrainingDiverged, FileNotFoundError,
-            FileExistsError, ValueError, KeyError, RuntimeError) as exc:
+    except (RecipeError, DatasetNotFound, CheckpointError, TrainingDiverged, OSError, ValueError, KeyError,
+            RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"resprune {args.command}: error: {msg}", file=sys.stderr)
         code = 2

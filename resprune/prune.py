@@ -105,6 +105,10 @@ class RemovalUnit:
     macs: int = 0
 
 
+NOTHING_REMOVED_HINT = ("To remove layers, train with a larger L1 weight λ (train.l1) or for more epochs "
+                        "(train.epochs), or prune with a larger prune.threshold or a prune.target_macs budget.")
+
+
 @dataclass
 class PruneReport:
     removed: list[str]
@@ -125,13 +129,23 @@ class PruneReport:
         return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
 
     def summary(self) -> str:
-        per = ", ".join(f"{k}: {v}" for k, v in self.removed_per_stage.items()) or "none"
+        if not self.removed:
+            return (f"nothing was removed ({self.rule()}); MACs "
+                    f"{self.macs_before / 1e6:.2f} M, params {self.params_before / 1e6:.3f} M unchanged. "
+                    f"{NOTHING_REMOVED_HINT}")
+        per = ", ".join(f"{k}: {v}" for k, v in self.removed_per_stage.items())
         return (
             f"removed {len(self.removed)} units ({per}); MACs {self.macs_before / 1e6:.2f} M → "
             f"{self.macs_after / 1e6:.2f} M (−{100 * self.macs_reduction:.1f}%), params "
             f"{self.params_before / 1e6:.3f} M → {self.params_after / 1e6:.3f} M "
             f"(−{100 * self.params_reduction:.1f}%); largest removed |scale| {self.max_removed_scale:.3g}"
         )
+
+    def rule(self) -> str:
+        c = self.config or {}
+        if c.get("threshold") is not None:
+            return f"|scale| < {c['threshold']:g}"
+        return f"MACs budget {c.get('target_macs')}" if c.get("target_macs") is not None else "unknown rule"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -257,7 +271,7 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
         max_removed_scale=max((abs(u.scale) for u in chosen), default=0.0),
         config=asdict(config),
     )
-    logger.info("prune_: %s", report.summary())
+    logger.debug("prune_: %s", report.summary())  # callers report it (the prune stage once, with accuracy)
     return report
 
 

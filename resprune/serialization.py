@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from .version import __version__
 
 __all__ = [
     "save", "load", "load_payload", "model_payload", "model_from_payload", "atomic_save",
-    "build_from_arch", "CheckpointError", "FORMAT",
+    "build_from_arch", "CheckpointError", "FORMAT", "torch_load_plain", "remove_stale_temp",
 ]
 
 FORMAT = "resprune-model"
@@ -45,7 +47,74 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A file that is not a readable resprune checkpoint."""
+    """A file that is not a readable resprune checkpoint.
+
+    The message is one line; torch's text about ``weights_only`` (which suggests loading the
+    file with arbitrary code execution) is replaced by a short reason, wherever the message
+    was made."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(_one_line(str(message)), *args)
+
+
+_WEIGHTS_ONLY = re.compile(r"Weights only load failed.*", re.S)
+
+
+def _one_line(msg: str) -> str:
+    m = _WEIGHTS_ONLY.search(msg)
+    if m:
+        g = re.search(r"GLOBAL ([\w.]+)", m.group(0))
+        why = (f"it refers to {g.group(1)}, and resprune loads only tensors and plain data"
+               if g else "it holds objects other than tensors and plain data, which resprune does not load")
+        msg = msg[: m.start()] + why
+    for marker in (" This is an internal miniz error", " If you are seeing this error"):
+        msg = msg.split(marker, 1)[0]  # torch's long advice after a zip/stream error
+    return " ".join(msg.split())
+
+
+def torch_load_plain(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a file that does not load raises
+    :class:`CheckpointError` with a one-line reason (never torch's advice to drop
+    ``weights_only``)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: not a resprune checkpoint: {exc}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, MemoryError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from exc
+
+
+def remove_stale_temp(folder: str | os.PathLike) -> list[Path]:
+    """Delete ``.NAME.tmp-PID`` files in ``folder`` (written by :func:`atomic_save`,
+    ``export_onnx``, ``RunDir.write_json``) whose process is gone, e.g. killed by SIGTERM
+    mid-write; return what was removed. Files of live processes are left alone."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for f in folder.glob(".*.tmp-*"):
+        pid = f.name.rsplit(".tmp-", 1)[1].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or not f.is_file():
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours
+        return True
+    return True
 
 
 def build_from_arch(arch: dict) -> nn.Module:
@@ -107,10 +176,7 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from exc
+    payload = torch_load_plain(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a resprune model file (no '{FORMAT}' format marker)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -127,11 +193,27 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
 
 def model_from_payload(payload: dict, path: Any = "<payload>", map_location: Any = "cpu") -> nn.Module:
     """Rebuild a model from a :func:`model_payload` dict."""
-    model = build_from_arch(payload["arch"])
-    sd = payload["state_dict"]
+    arch, sd = payload.get("arch"), payload.get("state_dict")
+    if not isinstance(arch, dict) or not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor)
+                                                                        for v in sd.values()):
+        raise CheckpointError(f"{path}: the checkpoint lacks its architecture record or weights")
+    try:
+        model = build_from_arch(arch)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    except Exception as exc:  # a tampered or foreign record: bad kwargs, unknown names, bad ops
+        raise CheckpointError(f"{path}: the architecture record does not describe a model resprune can "
+                              f"build ({type(exc).__name__}: {exc})") from exc
     floats = [v.dtype for v in sd.values() if v.is_floating_point()]
     if floats:
         model.to(floats[0])
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    reshaped = sorted(k for k in set(want) & set(sd) if want[k].shape != sd[k].shape)
+    if missing or unexpected or reshaped:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                               (reshaped, "of another shape")) if v]
+        raise CheckpointError(f"{path}: weights do not match the recorded architecture: {', '.join(parts)}")
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:

@@ -3,6 +3,7 @@ sub-commands on its run directory, and clear errors with a non-zero exit."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,10 +72,17 @@ def test_threshold_that_would_delete_a_stage(run_dir, capsys):
      "unknown engine_options key(s) coarse"),
     (["train", "quickstart", "--engine", "mgrit", "--nproc", "2", "--set", "engine_options.cf=1"],
      "engine_options: cf (coarsening factor) must be an int >= 2"),
+    (["train", "quickstart", "--nproc", "0"], "nproc must be an int >= 1, got 0"),
+    (["train", "quickstart", "--nproc", "2"], "nproc=2 needs a layer-parallel engine (--engine mgrit)"),
+    (["run", "quickstart", "--nproc", "2"], "nproc=2 needs a layer-parallel engine"),
+    (["train", "quickstart", "--set", "model.kwargs.no_such=1"],
+     "model.kwargs {'no_such': 1}: resnet20 got an unexpected keyword argument 'no_such'"),
+    (["run", "quickstart", "--set", "model.kwargs.num_classes=3"], "model.kwargs.num_classes"),
 ])
 def test_errors(tmp_path, capsys, argv, match):
     assert main([*argv, "--out", str(tmp_path / "r")]) == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1  # one line, no traceback
     assert not (tmp_path / "r").exists()  # nothing written, no process started
 
 
@@ -121,3 +129,122 @@ def test_train_layer_parallel_two_processes(tmp_path):
     trl = DeviceLoader(tr, 64, train=True)
     tel = DeviceLoader(te, 512, mean=tuple(trl.mean.flatten().tolist()), std=tuple(trl.std.flatten().tolist()))
     assert evaluate(m.eval(), tel)[1] == pytest.approx(acc, abs=1e-6)
+
+
+@pytest.mark.dist
+def test_run_layer_parallel_two_processes(tmp_path):
+    """`resprune run ... --engine mgrit --nproc 2` end to end on a tiny gated chain: trains
+    and fine-tunes layer-parallel (the pruned model re-partitioned), prunes, fuses, exports,
+    benchmarks, and the report names the engine and its settings."""
+    exe = Path(sys.executable).with_name("resprune")
+    out = tmp_path / "mgrun"
+    cmd = [str(exe), "-q", "run", "quickstart", "--engine", "mgrit", "--nproc", "2", "--out", str(out),
+           "--set", "model.name=resconv_chain", "--set", "model.kwargs.depth=8", "--set", "model.kwargs.width=8",
+           "--set", "model.kwargs.gate=tanh", "--set", "train.epochs=1", "--set", "train.smooth=1e-4",
+           "--set", "prune.threshold=null", "--set", "prune.target_macs=0.7",
+           "--set", "engine_options.cf=2", "--set", "engine_options.warm_start=class_mean", *FAST[2:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for f in ("sparse.pt", "pruned.pt", "fused.pt", "onnx/pruned.onnx", "bench.json", "report.md"):
+        assert (out / f).is_file(), f
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    assert stages["pruned"]["removed"] > 0
+    eng = stages["finetuned"]["engine"]
+    assert eng["name"] == "mgrit" and eng["nproc"] == 2 and eng["options"]["warm_start"] == "class_mean"
+    assert eng["bounds"][-1] == 10 - stages["pruned"]["removed"]  # the pruned chain, re-partitioned
+    report = (out / "report.md").read_text()
+    assert "training engine: `mgrit` on 2 processes" in report and "cf=2" in report
+
+
+def test_prune_summary_once_and_what_to_change_when_nothing_is_removed(run_dir, capsys):
+    assert main(["prune", str(run_dir), "--set", "prune.target_macs=1.0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("nothing was removed") == 1 and "largest removed" not in out
+    assert "train.l1" in out and "train.epochs" in out
+    assert main(["prune", str(run_dir), "--set", "prune.threshold=0.02"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("MACs") == 1, out  # the summary is printed once (prune_ logged it a second time)
+
+
+def test_models_without_a_match(capsys):
+    assert main(["models", "res"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and "no registered model matches 'res'" in cap.err and "'*res*'" in cap.err
+    assert main(["models", "*res*"]) == 0 and "resnet20" in capsys.readouterr().out
+
+
+def test_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: refuse writes in it as a read-only mount would
+        real_open = Path.open
+
+        def ro_open(self, mode="r", *a, **k):
+            if any(c in mode for c in "wax+") and Path(self).parent == out:
+                raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+            return real_open(self, mode, *a, **k)
+
+        monkeypatch.setattr(Path, "open", ro_open)
+    try:
+        assert main(["train", "quickstart", "--out", str(out)]) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"cannot write the run directory {out}" in err and err.count("\n") == 1, err
+
+
+def _idx(path, arr):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(v).to_bytes(4, "big") for v in arr.shape)
+    path.write_bytes(header + arr.astype("uint8").tobytes())
+
+
+def _mnist(root, n_labels=32):
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("t10k", 8)):
+        _idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        _idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n_labels if split == "train" else n) % 10)
+    return root
+
+
+def test_bad_data_fails_before_training_and_the_retry_reuses_the_run_dir(tmp_path, capsys, monkeypatch):
+    """Mismatched MNIST counts are an error naming them; the failed run leaves only recipe.json,
+    and the same --out works for the retry (with or without --resume, with another data dir)."""
+    monkeypatch.setenv("RESPRUNE_CACHE", str(tmp_path / "cache"))
+    bad, good = _mnist(tmp_path / "bad", n_labels=8), _mnist(tmp_path / "good")
+    out = tmp_path / "run"
+    small = ["--set", "data.batch_size=8", "--set", "data.eval_batch_size=8", "--set", "train.epochs=0"]
+    assert main(["train", "resnet20_mnist", "--data-dir", str(bad), "--out", str(out), *small]) == 2
+    err = capsys.readouterr().err
+    assert "(train split): 32 images but 8 labels" in err and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["recipe.json"]  # nothing trained
+    for extra in (["--resume"], []):
+        assert main(["-q", "train", "resnet20_mnist", "--data-dir", str(good), "--out", str(out), *small, *extra]) == 0
+        assert (out / "sparse.pt").is_file(), capsys.readouterr().err
+        for f in out.iterdir():  # back to "failed early" for the second round
+            if f.is_file() and f.name != "recipe.json":
+                f.unlink()
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+def test_resume_removes_partial_files_of_a_killed_run(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    (out / "onnx").mkdir(parents=True)
+    (out / "checkpoints").mkdir()
+    stale = [out / "onnx" / f".unpruned.onnx.tmp-{dead.pid}", out / "checkpoints" / f".sparse.pt.tmp-{dead.pid}"]
+    for f in stale:
+        f.write_bytes(b"partial")
+    live = out / "onnx" / f".pruned.onnx.tmp-{os.getppid()}"  # a process that still runs: left alone
+    live.write_bytes(b"in progress")
+    assert main(["-q", "train", "quickstart", "--out", str(out), "--resume", "--set", "train.epochs=0"]) == 0
+    assert not any(f.exists() for f in stale) and live.exists()

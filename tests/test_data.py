@@ -1,7 +1,9 @@
 """Data sources (formats, cache keyed on the source, clear errors) and the batched loader."""
 
+import io
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -21,10 +23,10 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.delenv("RESPRUNE_DATA", raising=False)
 
 
-def _tree(root: Path, n=3, size=8):
+def _tree(root: Path, n=3, size=8, classes=("b_cat", "a_dog")):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        for cls in ("b_cat", "a_dog"):
+        for cls in classes:
             d = root / split / cls
             d.mkdir(parents=True)
             for i in range(n):
@@ -55,7 +57,7 @@ def test_imagefolder_cache_and_invalidation(tmp_path):
 
 
 def test_imagefolder_from_tar_and_as_cifar10(tmp_path):
-    root = _tree(tmp_path / "data")
+    root = _tree(tmp_path / "data", classes=[f"c{i}" for i in range(10)], n=1)
     arc = tmp_path / "tree.tar.gz"
     with tarfile.open(arc, "w:gz") as tf:
         tf.add(root / "train", "train")
@@ -63,6 +65,46 @@ def test_imagefolder_from_tar_and_as_cifar10(tmp_path):
     a, _ = load_arrays("imagefolder", arc)
     b, _ = load_arrays("cifar10", root)  # a cifar10 ImageFolder tree
     assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+
+
+def test_named_dataset_class_count_is_checked(tmp_path):
+    """A 3-class folder is not CIFAR-10 (it was accepted as one)."""
+    root = _tree(tmp_path / "data", classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"cifar10 has 10 classes, but this data has 3 \(a, b, c\)"):
+        load_arrays("cifar10", root)
+    assert len(load_arrays("imagefolder", root)[0].classes) == 3  # fine as a data set of its own
+    arc = tmp_path / "three.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(root / "train", "train")
+        tf.add(root / "test", "test")
+    with pytest.raises(ValueError, match="cifar10 has 10 classes"):
+        load_arrays("cifar10", arc)
+
+
+def test_test_class_without_training_images(tmp_path):
+    root = _tree(tmp_path / "data")
+    (root / "test" / "c_bird").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "test" / "c_bird" / "0.png")
+    with pytest.raises(ValueError, match="test class folder.*c_bird have no training images"):
+        load_arrays("imagefolder", root)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
+def test_unreadable_image_is_named(tmp_path, damage):
+    root = _tree(tmp_path / "data")
+    bad = root / "train" / "a_dog" / "9.jpg"
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, "JPEG")
+    bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2] if damage == "truncated" else b"<html>404</html>")
+    with pytest.raises(ValueError, match=f"{re.escape(str(bad))}: not a readable image") as e:
+        load_arrays("imagefolder", root)
+    assert "\n" not in str(e.value)
+    arc = tmp_path / "bad.tar.gz"  # inside an archive: archive and member are named
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(root / "train", "train")
+        tf.add(root / "test", "test")
+    with pytest.raises(ValueError, match=f"{re.escape(str(arc))}:train/a_dog/9.jpg: not a readable image"):
+        load_arrays("imagefolder", arc)
 
 
 def test_cifar_torchvision_format(tmp_path):
@@ -81,6 +123,53 @@ def test_cifar_torchvision_format(tmp_path):
     assert np.array_equal(te.images[0], raw.reshape(3, 32, 32).transpose(1, 2, 0))
 
 
+def _cifar_dir(tmp_path, labels=(0, 1, 2, 3), n_classes=10):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8),
+                         "labels": list(labels)}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(n_classes)]}, f)
+    return d
+
+
+class _Evil:
+    """Unpickling this calls open(path, "w"): it creates a file (as os.system would run a command)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("victim", ["data_batch_1", "batches.meta"])
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_pickle_cannot_run_code(tmp_path, victim, protocol):
+    d = _cifar_dir(tmp_path)
+    probe = tmp_path / "probe"  # the payload works: plain pickle would create a file
+    pickle.loads(pickle.dumps({"data": _Evil(probe)}, protocol=protocol))
+    assert probe.exists()
+    marker = tmp_path / "pwned"
+    with open(d / victim, "wb") as f:
+        pickle.dump({"data": _Evil(marker), "labels": [0], "label_names": _Evil(marker)}, f, protocol=protocol)
+    with pytest.raises(ValueError, match=f"{victim}: not a CIFAR data file .*refused to load (io|builtins).open"):
+        load_arrays("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_labels_and_class_count_are_checked(tmp_path):
+    _cifar_dir(tmp_path, labels=(0, 1, 2, 12))
+    with pytest.raises(ValueError, match=r"labels range over 0..12, but the data set has 10 classes"):
+        load_arrays("cifar10", tmp_path)
+    _cifar_dir(tmp_path / "five", n_classes=5)
+    with pytest.raises(ValueError, match="cifar10 has 10 classes, but this data has 5"):
+        load_arrays("cifar10", tmp_path / "five")
+
+
 def _idx(path, arr):
     header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
     path.write_bytes(header + arr.astype(np.uint8).tobytes())
@@ -97,6 +186,21 @@ def test_mnist_idx_and_truncation(tmp_path):
     p = raw / "t10k-images-idx3-ubyte"
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated"):
+        load_arrays("mnist", tmp_path)
+
+
+def test_mnist_counts_and_labels_are_checked(tmp_path):
+    """10k labels for 60k images trained silently at chance level; now it is an error."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    _idx(raw / "train-images-idx3-ubyte", np.zeros((6, 28, 28)))
+    _idx(raw / "train-labels-idx1-ubyte", np.arange(4))
+    _idx(raw / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28)))
+    _idx(raw / "t10k-labels-idx1-ubyte", np.arange(3))
+    with pytest.raises(ValueError, match=r"\(train split\): 6 images but 4 labels"):
+        load_arrays("mnist", tmp_path)
+    _idx(raw / "train-labels-idx1-ubyte", np.array([0, 1, 2, 3, 4, 11]))
+    with pytest.raises(ValueError, match=r"\(train split\): labels range over 0..11, but the data set has 10"):
         load_arrays("mnist", tmp_path)
 
 

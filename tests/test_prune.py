@@ -169,3 +169,70 @@ def test_load_errors(tmp_path):
         rp.load(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="architecture record"):
         rp.save(nn.Linear(2, 2), tmp_path / "x.pt")
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _tampered(tmp_path, name, **arch):
+    m = rp.create_model("resnet20")
+    p = tmp_path / f"{name}.pt"
+    payload = rp.serialization.model_payload(m)
+    payload["arch"].update(arch)
+    torch.save(payload, p)
+    return p
+
+
+@pytest.mark.parametrize("arch,match", [
+    ({"kwargs": {"num_classes": 10, "no_such_arg": 3}}, "TypeError.*no_such_arg"),
+    ({"factory": "resprune:no_such_net"}, "no_such_net"),
+    ({"ops": [["remove", ["layer9.0.conv1"]]]}, "layer9"),
+    ({"ops": [["explode"]]}, "unknown architecture operation 'explode'"),
+    ({"kwargs": "not a dict"}, "does not describe a model"),
+])
+def test_tampered_architecture_record_is_a_checkpoint_error(tmp_path, arch, match):
+    p = _tampered(tmp_path, "t", **arch)
+    with pytest.raises(rp.CheckpointError, match=match) as e:
+        rp.load(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_errors_never_suggest_weights_only_false(tmp_path):
+    """A checkpoint with code in it is refused in one line, without torch's advice to load it
+    with weights_only=False (which would run the code)."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "resprune-model", "arch": _Evil(marker)}, evil)
+    with pytest.raises(rp.CheckpointError) as e:
+        rp.load(evil)
+    msg = str(e.value)
+    assert not marker.exists()
+    assert "weights_only" not in msg and "Weights only" not in msg and "\n" not in msg, msg
+    assert str(evil) in msg and "open" in msg and len(msg) < 300, msg
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(rp.CheckpointError) as e:
+        rp.load(junk)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300, str(e.value)
+    # wherever the error is made (the trainer's resume wraps torch's message itself)
+    try:
+        torch.load(evil, weights_only=True)
+    except Exception as exc:
+        wrapped = rp.CheckpointError(f"x.pt: cannot resume, checkpoint unreadable: {exc}")
+    assert "weights_only" not in str(wrapped) and "\n" not in str(wrapped)
+    assert str(wrapped).startswith("x.pt: cannot resume, checkpoint unreadable: it refers to")
+
+
+def test_weights_of_another_architecture_short_message(tmp_path):
+    p = tmp_path / "w.pt"
+    payload = rp.serialization.model_payload(rp.create_model("resnet20"))
+    payload["state_dict"] = rp.serialization.model_payload(rp.create_model("resnet32"))["state_dict"]
+    torch.save(payload, p)
+    with pytest.raises(rp.CheckpointError, match=r"weights do not match .*unexpected \(e\.g\. ") as e:
+        rp.load(p)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300

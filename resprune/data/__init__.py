@@ -1,7 +1,7 @@
 """Datasets (CIFAR-10/100, MNIST, ImageFolder, built-in digits) and the on-device loader."""
 
 from .loader import DeviceLoader, batch_crop_flip
-from .sources import DATASETS, ArrayDataset, DatasetNotFound, check_data, load_arrays, resolve_data_dir
+from .sources import DATASETS, ArrayDataset, DataError, DatasetNotFound, check_data, load_arrays, resolve_data_dir
 
-__all__ = ["DeviceLoader", "batch_crop_flip", "DATASETS", "ArrayDataset", "DatasetNotFound",
+__all__ = ["DeviceLoader", "batch_crop_flip", "DATASETS", "ArrayDataset", "DataError", "DatasetNotFound",
            "check_data", "load_arrays", "resolve_data_dir"]

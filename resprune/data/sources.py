@@ -16,10 +16,16 @@ Decoded images are cached as ``.npz`` under ``RESPRUNE_CACHE`` (default
 times, so a changed source is decoded again.
 
 Images come back as ``uint8`` arrays of shape (N, H, W, C) with int64 labels.
+
+Data files are untrusted input (DESIGN.md §6): CIFAR pickles are read with a restricted
+unpickler that builds numpy arrays, lists, dicts, bytes, str and int and nothing else, and
+every split is checked before training (images and labels counted alike, labels within the
+classes, the class count of a named data set) with :class:`DataError` naming the problem.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -34,14 +40,20 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArrayDataset", "DatasetNotFound", "load_arrays", "check_data", "DATASETS", "resolve_data_dir"]
+__all__ = ["ArrayDataset", "DatasetNotFound", "DataError", "load_arrays", "check_data", "DATASETS",
+           "resolve_data_dir", "NUM_CLASSES"]
 
 DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "digits")
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "digits": 10}  # of the named data sets
 
 
 class DatasetNotFound(FileNotFoundError):
     """No usable copy of the data set where we looked."""
+
+
+class DataError(ValueError):
+    """Data that is there but wrong: unreadable files, mismatched counts, bad labels."""
 
 
 @dataclass
@@ -96,12 +108,22 @@ def _decode(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _split_from_entries(entries: list[tuple[str, str, bytes | Path]], classes: list[str]) -> ArrayDataset:
+def _split_from_entries(entries: list[tuple[str, str, bytes | Path]], classes: list[str],
+                        where: str = "") -> ArrayDataset:
     idx = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({cls for cls, _, _ in entries} - set(idx))
+    if unknown:
+        raise DataError(f"{where or 'data'}: test class folder(s) {', '.join(unknown)} have no training images "
+                        f"(training classes: {', '.join(classes)})")
     imgs, labels = [], []
-    for cls, _, src in entries:
+    for cls, name, src in entries:
         data = src.read_bytes() if isinstance(src, Path) else src
-        imgs.append(_decode(data))
+        try:
+            imgs.append(_decode(data))
+        except Exception as exc:  # PIL: truncated, not an image, unsupported mode ...
+            shown = str(src) if isinstance(src, Path) else f"{where}:{name}" if where else name
+            raise DataError(f"{shown}: not a readable image ({type(exc).__name__}: {exc}); "
+                            "remove or replace it") from exc
         labels.append(idx[cls])
     shapes = {im.shape for im in imgs}
     if len(shapes) != 1:
@@ -122,7 +144,7 @@ def _imagefolder(root: Path) -> tuple[ArrayDataset, ArrayDataset]:
     classes = sorted({c for c, _, _ in splits["train"]})
     files = [f for s in splits.values() for _, _, f in s]
     key = f"imagefolder-{_fingerprint(files)}"
-    return _cached(key, lambda: tuple(_split_from_entries(splits[s], classes) for s in ("train", "test")))
+    return _cached(key, lambda: tuple(_split_from_entries(splits[s], classes, str(root)) for s in ("train", "test")))
 
 
 def _imagefolder_tar(archive: Path) -> tuple[ArrayDataset, ArrayDataset]:
@@ -141,31 +163,81 @@ def _imagefolder_tar(archive: Path) -> tuple[ArrayDataset, ArrayDataset]:
         if not entries["train"] or not entries["test"]:
             raise DatasetNotFound(f"{archive}: no train/<class>/* and test/<class>/* images inside")
         classes = sorted({c for c, _, _ in entries["train"]})
-        return tuple(_split_from_entries(sorted(entries[s]), classes) for s in ("train", "test"))
+        return tuple(_split_from_entries(sorted(entries[s]), classes, str(archive)) for s in ("train", "test"))
 
     return _cached(key, build)
 
 
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    try:
+        from numpy._core import multiarray as ma, numeric as nu
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray as ma, numeric as nu
+    out: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                          ("_codecs", "encode"): codecs.encode}
+    for pkg in ("numpy.core", "numpy._core"):  # the name depends on the numpy that wrote the file
+        out[(f"{pkg}.multiarray", "_reconstruct")] = ma._reconstruct
+        if hasattr(nu, "_frombuffer"):
+            out[(f"{pkg}.numeric", "_frombuffer")] = nu._frombuffer
+    return out
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Builds numpy arrays, lists, dicts, bytes, str and numbers; any other global (a class, a
+    function such as ``os.system``) is refused before it is looked up, so nothing runs."""
+
+    def find_class(self, module: str, name: str):
+        obj = _numpy_globals().get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return obj
+
+
+def _load_pickle(path: Path) -> object:
+    """Unpickle a data file with :class:`_DataUnpickler`; :class:`DataError` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return _DataUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: not a CIFAR data file ({exc}); CIFAR batches hold only arrays, lists, "
+                        "bytes, str and int, nothing was executed") from exc
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as exc:
+        raise DataError(f"{path}: not a readable CIFAR data file (truncated or corrupt?): {exc}") from exc
+
+
+def _field(d: object, key: str, path: Path):
+    if not isinstance(d, dict) or key not in d:
+        raise DataError(f"{path}: not a CIFAR data file (no {key!r} entry)")
+    return d[key]
+
+
 def _cifar_pickles(root: Path, hundred: bool) -> tuple[ArrayDataset, ArrayDataset]:
     def read(name):
-        with open(root / name, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        y = np.asarray(d["fine_labels" if hundred else "labels"], dtype=np.int64)
-        return x, y
+        d = _load_pickle(root / name)
+        try:
+            x = np.asarray(_field(d, "data", root / name), dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(_field(d, "fine_labels" if hundred else "labels", root / name), dtype=np.int64)
+        except DataError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{root / name}: not a CIFAR data file ({exc})") from exc
+        return x.transpose(0, 2, 3, 1), y
 
     if hundred:
         xtr, ytr = read("train")
         xte, yte = read("test")
-        with open(root / "meta", "rb") as f:
-            classes = pickle.load(f, encoding="latin1")["fine_label_names"]
+        classes = _field(_load_pickle(root / "meta"), "fine_label_names", root / "meta")
     else:
         parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+        for i, (x, y) in enumerate(parts, 1):  # a mismatch would be hidden by concatenation
+            _check_counts(f"{root / f'data_batch_{i}'}", x, y)
         xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         xte, yte = read("test_batch")
-        with open(root / "batches.meta", "rb") as f:
-            classes = pickle.load(f, encoding="latin1")["label_names"]
-    return ArrayDataset(xtr, ytr, list(classes)), ArrayDataset(xte, yte, list(classes))
+        classes = _field(_load_pickle(root / "batches.meta"), "label_names", root / "batches.meta")
+    if not isinstance(classes, list) or not all(isinstance(c, (str, bytes)) for c in classes):
+        raise DataError(f"{root}: the class names in the meta file are not a list of strings")
+    classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in classes]
+    return ArrayDataset(xtr, ytr, classes), ArrayDataset(xte, yte, classes)
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -174,7 +246,7 @@ def _idx(path: Path) -> np.ndarray:
         data = f.read()
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable for torch
     if arr.size != int(np.prod(dims)):
         raise ValueError(f"{path}: idx file is truncated ({arr.size} of {int(np.prod(dims))} values)")
     return arr.reshape(dims)
@@ -211,10 +283,47 @@ def _digits() -> tuple[ArrayDataset, ArrayDataset]:
     return ArrayDataset(x[tr], y[tr], classes), ArrayDataset(x[te], y[te], classes)
 
 
+# ----------------------------------------------------------------------------- checks
+def _check_counts(where: str, images: np.ndarray, labels: np.ndarray) -> None:
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels; "
+                        "the image and label files do not belong together")
+
+
+def validate(name: str, train: ArrayDataset, test: ArrayDataset, where: str = "") -> None:
+    """Raise :class:`DataError` unless both splits are usable: images and labels of equal
+    count, at least one image, the same image shape, labels in ``0 .. len(classes) - 1``,
+    and for a named data set (cifar10, cifar100, mnist, digits) its number of classes."""
+    src = where or name
+    for split, ds in (("train", train), ("test", test)):
+        what = f"{src} ({split} split)"
+        if ds.images.ndim != 4:
+            raise DataError(f"{what}: images have shape {ds.images.shape}, expected (N, H, W, C)")
+        _check_counts(what, ds.images, ds.labels)
+        if len(ds.labels) == 0:
+            raise DataError(f"{what}: no images")
+        lo, hi = int(ds.labels.min()), int(ds.labels.max())
+        if lo < 0 or hi >= len(ds.classes):
+            raise DataError(f"{what}: labels range over {lo}..{hi}, but the data set has {len(ds.classes)} "
+                            f"classes (labels 0..{len(ds.classes) - 1})")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{src}: train images are {train.images.shape[1:]} but test images "
+                        f"{test.images.shape[1:]} (H, W, C)")
+    want = NUM_CLASSES.get(name)
+    if want is not None and len(train.classes) != want:
+        shown = ", ".join(train.classes[:12]) + (" ..." if len(train.classes) > 12 else "")
+        raise DataError(f"{src}: {name} has {want} classes, but this data has {len(train.classes)} ({shown}); "
+                        "use data.dataset=imagefolder for a data set of your own")
+
+
 # ----------------------------------------------------------------------------- entry
 def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> tuple[ArrayDataset, ArrayDataset]:
-    """(train, test) uint8 arrays of data set ``name`` found under ``data_dir``/RESPRUNE_DATA."""
-    return _locate(name, data_dir)()
+    """(train, test) uint8 arrays of data set ``name`` found under ``data_dir``/RESPRUNE_DATA,
+    checked by :func:`validate` (:class:`DataError` naming the problem)."""
+    train, test = _locate(name, data_dir)()
+    root = resolve_data_dir(data_dir) if name != "digits" else None
+    validate(name, train, test, str(root) if root else name)
+    return train, test
 
 
 def check_data(name: str, data_dir: str | os.PathLike | None = None) -> None:
