@@ -6,8 +6,11 @@ same seed (same initial weights), the same data order (DeviceLoader seed), the s
 optimizer and the same number of steps:
 
 (a) the ``serial`` engine on one process;
-(b) the ``mgrit`` engine, simultaneous mode (``fwd_iters``/``bwd_iters`` coarse solves per
-    step, default 1 + 1), on P processes under torchrun (gloo, CPU, one thread each).
+(b) the ``mgrit`` engine, simultaneous mode (``fwd_iters``/``bwd_iters`` per step, default
+    1 + 1), on P processes under torchrun (gloo, CPU, one thread each). Since issue 11 these
+    count cycles after the nested start; the results in benchmarks/results/mgrit_accuracy.md
+    were measured when the start counted as the first (their "k" is today's "k − 1").
+    ``benchmarks/mgrit_study.py`` is the ODE-regime study (gated chain, 3 seeds, cost model).
 
 Both are then evaluated exactly (``eval_forward``, eval-mode BN) on the MNIST test set and
 on a fixed slice of their training subset. The script prints a markdown report (train-loss

@@ -22,12 +22,13 @@ from .models import (
 from .profile import Profile, profile
 from .prune import PruneConfig, PruneReport, prune_
 from .serialization import CheckpointError, load, save
-from .sparsity import LayerScaleL1, scale_stats
+from .sparsity import LayerScaleL1, LayerSmoothness, RegularizerSum, scale_stats
 from .version import __version__
 
 __all__ = [
     "__version__", "ResConv2d", "ConvBN2d", "OptionAShortcut", "create_model", "list_models",
-    "register_model", "convert_", "conversion_plan", "LayerScaleL1", "scale_stats",
+    "register_model", "convert_", "conversion_plan", "LayerScaleL1", "LayerSmoothness", "RegularizerSum",
+    "scale_stats",
     "PruneConfig", "PruneReport", "prune_", "fuse", "fuse_", "profile", "Profile",
     "save", "load", "CheckpointError", "export_onnx", "verify_onnx",
 ]

@@ -200,6 +200,31 @@ class ResConv2d(ConvBN2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, act, bias)
         self.scale = nn.Parameter(torch.ones(()))
         self.shortcut = shortcut
+        self.gate: str | None = None  # see set_gate: the scale is then h·tanh(g/h) or clamp(g, ±h)
+        self.step = 1.0
+
+    def set_gate(self, step: float, gate: str | None = "tanh") -> "ResConv2d":
+        """ODE regime: the effective scale becomes ``h·tanh(g/h)`` (``gate="tanh"``) or
+        ``clamp(g, −h, h)`` (``"clamp"``) with ``h = step`` fixed and ``g`` the trainable
+        ``scale`` parameter: a fixed step times a bounded gate, ``|s| ≤ h``. For ``|g| ≪ h``
+        the scale is ``g`` itself, so ``g`` trains at the rate the plain scale would and L1 /
+        thresholds keep their units; ``g = 0`` is still a zero branch (an exact identity
+        after ReLU), so L1/prox on ``g`` prunes and removal and fusion stay exact.
+        ``gate=None`` restores the plain trainable scale."""
+        if gate not in (None, "tanh", "clamp"):
+            raise ValueError(f"gate must be None, 'tanh' or 'clamp', got {gate!r}")
+        if not (step > 0):
+            raise ValueError(f"step must be > 0, got {step!r}")
+        self.gate, self.step = gate, float(step)
+        return self
+
+    @property
+    def effective_scale(self) -> torch.Tensor:
+        """The factor on the branch: ``scale``, or ``h·tanh(scale/h)`` / ``clamp(scale, ±h)``."""
+        if self.gate is None:
+            return self.scale
+        h = self.step
+        return h * torch.tanh(self.scale / h) if self.gate == "tanh" else self.scale.clamp(-h, h)
 
     @property
     def identity_shortcut(self) -> bool:
@@ -218,7 +243,7 @@ class ResConv2d(ConvBN2d):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled residual branch ``s · BN(W ∗ x)`` (no shortcut, no activation)."""
-        return _scaled_batch_norm(self.bn, self.conv(x), self.scale)
+        return _scaled_batch_norm(self.bn, self.conv(x), self.effective_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.branch(x)
@@ -229,7 +254,8 @@ class ResConv2d(ConvBN2d):
     def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable (kernel, bias) of one conv equal to the eval-mode block before act."""
         w, b = super().equivalent_kernel_bias()
-        w_eq, b_eq = self.scale * w, self.scale * b
+        s = self.effective_scale
+        w_eq, b_eq = s * w, s * b
         if self.shortcut:
             w_eq = w_eq + dirac_kernel(
                 self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size[0],
@@ -238,7 +264,8 @@ class ResConv2d(ConvBN2d):
         return w_eq, b_eq
 
     def extra_repr(self) -> str:
-        return f"act={self.act}, shortcut={self.shortcut}"
+        gate = f", gate={self.gate}, step={self.step:g}" if self.gate else ""
+        return f"act={self.act}, shortcut={self.shortcut}{gate}"
 
 
 def _make_conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:

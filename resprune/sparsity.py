@@ -16,7 +16,8 @@ from torch import nn
 
 from .layers import ResConv2d
 
-__all__ = ["LayerScaleL1", "removable_scales", "scale_stats", "ScaleStats"]
+__all__ = ["LayerScaleL1", "LayerSmoothness", "RegularizerSum", "same_structure", "removable_scales",
+           "scale_stats", "ScaleStats"]
 
 
 def removable_scales(model: nn.Module) -> list[tuple[str, ResConv2d]]:
@@ -43,6 +44,79 @@ class LayerScaleL1(nn.Module):
             ref = next(model.parameters())
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         return self.lam * torch.stack([s.abs() for s in scales]).sum()
+
+
+def _layers_in_order(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "layer_sequence"):
+        return [m for _, m in model.layer_sequence()]
+    return list(model.children())
+
+
+def same_structure(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two layers have the same type and the same parameter names and shapes (the
+    pairs :class:`LayerSmoothness` couples)."""
+    if type(a) is not type(b):
+        return False
+    pa, pb = list(a.named_parameters()), list(b.named_parameters())
+    return bool(pa) and [(n, p.shape) for n, p in pa] == [(n, p.shape) for n, p in pb]
+
+
+class LayerSmoothness(nn.Module):
+    """``γ · Σₙ ‖θₙ₊₁ − θₙ‖²`` over consecutive layers of the same structure (every parameter
+    of the pair, e.g. kernel, BN affine and scale of two ResConv2d): the smoothness across
+    layers that keeps a coarse layer-parallel step a good model of the fine ones.
+
+    Layers are ``model.layer_sequence()`` when the model has one, else its children (an
+    ``nn.ModuleList`` of a rank's layers). Layer-parallel engines pass the neighbours of their
+    range as detached parameter lists: ``before`` (the previous rank's last layer: its pair is
+    counted here) and ``after`` (the next rank's first layer: gradient only, its value is
+    counted on the next rank), so the ranks' values add up to the model's.
+    """
+
+    neighbours = True  # engines pass before=/after= (see MGRITEngine)
+
+    def __init__(self, gamma: float) -> None:
+        super().__init__()
+        if not (gamma >= 0.0):
+            raise ValueError(f"smoothness coefficient must be a number >= 0, got {gamma}")
+        self.gamma = float(gamma)
+
+    @staticmethod
+    def _pair(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        return sum((x - y).pow(2).sum() for x, y in zip(a, b))
+
+    def forward(self, model: nn.Module, before: list[torch.Tensor] | None = None,
+                after: list[torch.Tensor] | None = None) -> torch.Tensor:
+        layers = _layers_in_order(model)
+        ref = next(model.parameters())
+        total = torch.zeros((), device=ref.device, dtype=ref.dtype)
+        if self.gamma == 0.0 or not layers:
+            return total
+        params = [[p for p in m.parameters()] for m in layers]
+        for i in range(len(layers) - 1):
+            if same_structure(layers[i], layers[i + 1]):
+                total = total + self._pair(params[i + 1], params[i])
+        if before is not None:
+            total = total + self._pair(params[0], before)
+        if after is not None:  # the gradient of the next rank's pair; value 0 here
+            t = self._pair(after, params[-1])
+            total = total + (t - t.detach())
+        return self.gamma * total
+
+
+class RegularizerSum(nn.Module):
+    """The sum of regularizers; ``before``/``after`` go to those that take neighbours."""
+
+    def __init__(self, *terms: nn.Module) -> None:
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+        self.neighbours = any(getattr(t, "neighbours", False) for t in terms)
+
+    def smoothness(self) -> "LayerSmoothness | None":
+        return next((t for t in self.terms if isinstance(t, LayerSmoothness)), None)
+
+    def forward(self, model: nn.Module, **kw) -> torch.Tensor:
+        return sum(t(model, **kw) if getattr(t, "neighbours", False) else t(model) for t in self.terms)
 
 
 @dataclass

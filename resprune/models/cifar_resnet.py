@@ -158,17 +158,27 @@ class ResConvChain(nn.Module):
         width: channels of every layer.
         horizon: when given, every layer scale starts at ``horizon / depth`` (the time step
             of an ODE on [0, horizon]); default 1 per layer, like every ResConv2d.
+        gate: ``"tanh"`` or ``"clamp"``: the ODE regime of layer-parallel training. Each
+            layer's scale is the fixed step ``h = horizon / depth`` (horizon default 1) times a
+            bounded trainable gate, ``h·tanh(g/h)`` or ``clamp(g, −h, h)``
+            (:meth:`ResConv2d.set_gate`); ``g`` (the ``scale`` parameter, which L1 and
+            pruning thresholds act on) starts at ``h``.
     """
 
     def __init__(self, depth: int = 256, width: int = 16, num_classes: int = 10, in_chans: int = 3,
-                 horizon: float | None = None) -> None:
+                 horizon: float | None = None, gate: str | None = None) -> None:
         super().__init__()
         if depth < 1 or width < 1:
             raise ValueError(f"depth and width must be >= 1, got {depth}, {width}")
         self.stem = ConvBN2d(in_chans, width, 3)
         self.blocks = nn.Sequential(*[ResConv2d(width, width) for _ in range(depth)])
         self.head = _Head(width, num_classes)
-        if horizon is not None:
+        if gate is not None:
+            h = (1.0 if horizon is None else horizon) / depth
+            with torch.no_grad():
+                for m in self.blocks:
+                    m.set_gate(h, gate).scale.fill_(h)
+        elif horizon is not None:
             with torch.no_grad():
                 for m in self.blocks:
                     m.scale.fill_(horizon / depth)
@@ -183,6 +193,6 @@ class ResConvChain(nn.Module):
 
 @register_model
 def resconv_chain(num_classes: int = 10, depth: int = 256, width: int = 16, in_chans: int = 3,
-                  horizon: float | None = None) -> nn.Module:
+                  horizon: float | None = None, gate: str | None = None) -> nn.Module:
     """Deep ResConv chain (``depth`` layers of ``width`` channels); see :class:`ResConvChain`."""
-    return ResConvChain(depth, width, num_classes, in_chans, horizon)
+    return ResConvChain(depth, width, num_classes, in_chans, horizon, gate)

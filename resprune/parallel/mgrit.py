@@ -22,13 +22,19 @@ Choices (see docs/parallel.md):
   builds the autograd graphs from the final states (so converged mode updates them exactly
   as serial training does).
 - **Start.** Forward and adjoint start from a nested coarse solve (exact on the coarsest
-  level, F-relaxed down; counts as one iteration). With ``warm_start=True`` and a batch of
-  the same shape as the previous step, the C-point states and adjoints of the previous step
-  are the start instead (sound when the same batch repeats, e.g. full-batch training).
+  level, F-relaxed down; not counted as an iteration). With ``warm_start=True`` and a batch
+  of the same shape as the previous step, the C-point states and adjoints of the previous
+  step are the start instead (sound when the same batch repeats, e.g. full-batch training);
+  ``warm_start="class_mean"`` starts each sample from its class's mean C-point states and
+  adjoints (:class:`~resprune.parallel.rebalance.ClassMeanStore`).
 - **Modes.** ``converged``: iterate until the relative C-point residual is ``<= tol`` (caps
   ``fwd_iters``/``bwd_iters``): gradients equal serial ones to rounding. ``simultaneous``
-  (one-shot): exactly ``fwd_iters``/``bwd_iters`` coarse-grid solves per step: inexact
-  gradients, each optimizer step sees the current approximation.
+  (one-shot): exactly ``fwd_iters``/``bwd_iters`` cycles after the start per step: inexact
+  gradients, each optimizer step sees the current approximation. ``adaptive``: the cycles
+  of the next step follow this step's measured defect (``tol`` the target).
+- **Re-partition.** :meth:`MGRITEngine.prune_` / :meth:`MGRITEngine.repartition` rebalance
+  the stages by measured per-layer time after layers were removed, keeping the optimiser
+  state of the surviving parameters.
 
 Example (run under torchrun; on one process it degenerates to serial):
     >>> import torch, resprune as rp
@@ -59,6 +65,7 @@ from .comm import Comm, DistComm, ReversedComm, SingleComm
 from .engines import Engine, register_engine
 from .mgrit_solver import MGRITSolver, build_hierarchy
 from .partition import LayerInfo, analyze_layers, balanced_bounds, layer_sequence
+from .rebalance import ClassMeanStore, gather_layer_time, neighbour_params, repartition_engine
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +79,28 @@ class MGRITConfig:
     Args:
         cf: coarsening factor (fine residual layers per coarse step), >= 2.
         levels: grid levels (2 = two-level; more = V-cycles), >= 2.
-        relax: ``"F"`` or ``"FCF"`` relaxation.
-        mode: ``"converged"`` (iterate to ``tol``; exact gradients) or ``"simultaneous"``
-            (exactly ``fwd_iters``/``bwd_iters`` coarse-grid solves per step).
-        fwd_iters: forward coarse-grid solves (cap in converged mode); the nested start is one.
-            Default (None): 1 in simultaneous mode; in converged mode 1000, i.e. ``tol``
-            decides (MGRIT is exact after as many iterations as coarse intervals, so the
-            cap never binds in practice).
+        relax: ``"F"`` or ``"FCF"`` relaxation, or one per level separated by commas
+            (``"F,FCF"``: F on the finest level, FCF on every coarser one, TorchBraid's
+            default); a list is joined.
+        mode: ``"converged"`` (iterate to ``tol``; exact gradients), ``"simultaneous"``
+            (exactly ``fwd_iters``/``bwd_iters`` cycles per step) or ``"adaptive"`` (cycles
+            per step set from the measured defect of the previous step: +1 while the defect
+            is above ``tol``, −1 while below ``tol/4``, between ``min_iters`` and the caps
+            ``fwd_iters``/``bwd_iters``, starting at the caps).
+        fwd_iters: forward MGRIT cycles after the start (a cap in converged and adaptive
+            mode). Default (None): 1 in simultaneous mode, 4 in adaptive mode, 1000 in
+            converged mode, i.e. ``tol`` decides (MGRIT is exact after as many cycles as
+            coarse intervals, so the cap never binds in practice).
         bwd_iters: the same for the adjoint.
-        tol: relative C-point residual at which converged mode stops.
-        warm_start: start from the previous step's C-point states/adjoints when the batch
-            shape is unchanged (otherwise and on the first step: nested coarse start).
+        min_iters: the fewest cycles adaptive mode runs.
+        tol: relative C-point residual at which converged mode stops; the defect adaptive
+            mode aims at.
+        warm_start: ``False``; ``True`` or ``"batch"``: start from the previous step's
+            C-point states/adjoints when the batch shape is unchanged (sound for repeated
+            batches); ``"class_mean"``: start each sample from the mean C-point state and
+            adjoint of its class, stored from the latest step in which the class occurred
+            (memory per rank: classes × Σ over the owned C-points of one sample's state,
+            twice). Otherwise and on the first step: the ``initial`` start.
         initial: ``"coarse"`` (nested iteration) or ``"zero"`` start when not warm.
         coarse_params: how a coarse step gets its parameters from the ``m`` fine layers it
             stands for: ``"inject"`` (the first layer's, times ``m``: classic MGRIT) or
@@ -104,8 +122,9 @@ class MGRITConfig:
     mode: str = "simultaneous"
     fwd_iters: int | None = None
     bwd_iters: int | None = None
+    min_iters: int = 1
     tol: float = 1e-6
-    warm_start: bool = False
+    warm_start: bool | str = False
     initial: str = "coarse"
     coarse_params: str = "inject"
     input_size: tuple[int, ...] = (1, 3, 32, 32)
@@ -116,13 +135,19 @@ class MGRITConfig:
             raise ValueError(f"cf (coarsening factor) must be an int >= 2, got {self.cf!r}")
         if not isinstance(self.levels, int) or self.levels < 2:
             raise ValueError(f"levels must be an int >= 2, got {self.levels!r}")
-        if self.relax not in ("F", "FCF"):
-            raise ValueError(f"relax must be 'F' or 'FCF', got {self.relax!r}")
-        if self.mode not in ("converged", "simultaneous"):
-            raise ValueError(f"mode must be 'converged' or 'simultaneous', got {self.mode!r}")
+        relax = ",".join(self.relax) if isinstance(self.relax, (list, tuple)) else self.relax
+        if not isinstance(relax, str) or any(r.strip() not in ("F", "FCF") for r in relax.split(",")):
+            raise ValueError(f"relax must be 'F', 'FCF' or one per level like 'F,FCF', got {self.relax!r}")
+        object.__setattr__(self, "relax", ",".join(r.strip() for r in relax.split(",")))
+        if self.mode not in ("converged", "simultaneous", "adaptive"):
+            raise ValueError(f"mode must be 'converged', 'simultaneous' or 'adaptive', got {self.mode!r}")
+        if self.warm_start not in (False, True, "batch", "class_mean"):
+            raise ValueError(f"warm_start must be false, true, 'batch' or 'class_mean', got {self.warm_start!r}")
+        if not isinstance(self.min_iters, int) or self.min_iters < 1:
+            raise ValueError(f"min_iters must be an int >= 1, got {self.min_iters!r}")
         for k in ("fwd_iters", "bwd_iters"):
             if getattr(self, k) is None:
-                object.__setattr__(self, k, 1000 if self.mode == "converged" else 1)
+                object.__setattr__(self, k, {"converged": 1000, "adaptive": 4}.get(self.mode, 1))
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be an int >= 1, got {v!r}")
@@ -182,8 +207,8 @@ def averaged_coarse_step(layers: list[nn.Module], u: torch.Tensor) -> torch.Tens
                and m.conv.bias is None for m in layers):
         return None
     w = torch.stack([m.conv.weight for m in layers]).mean(0)
-    gamma = sum(m.scale * m.bn.weight for m in layers)
-    beta = sum(m.scale * m.bn.bias for m in layers)
+    gamma = sum(m.effective_scale * m.bn.weight for m in layers)
+    beta = sum(m.effective_scale * m.bn.bias for m in layers)
     c = first.conv
     z = F.conv2d(u, w, None, c.stride, c.padding, c.dilation, c.groups)
     y = u + F.batch_norm(z, None, None, gamma, beta, True, 0.0, first.bn.eps)
@@ -215,11 +240,22 @@ class MGRITEngine(Engine):
             raise TypeError(f"mgrit engine needs an MGRITConfig, got {type(cfg).__name__}")
         self.comm = comm if comm is not None else _default_comm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.seq = layer_sequence(model)
-        self.info = analyze_layers(model, cfg.input_size)
+        self.layer_time: dict[str, float] = {}  # measured seconds per owned layer (final sweeps, EMA)
+        self._iters = [cfg.fwd_iters, cfg.bwd_iters]  # this step's cycles (adaptive mode moves them)
+        self._setup_partition(None)
+        self._make_optimizer()
+        logger.info("mgrit rank %d/%d owns layers %d..%d (%s .. %s); %d forward levels",
+                    self.rank, self.world_size, self.lo, self.hi - 1, self.seq[self.lo][0],
+                    self.seq[self.hi - 1][0], len(self.fwd_levels))
+
+    def _setup_partition(self, bounds: list[int] | None) -> None:
+        """Layer sequence, analysis, rank bounds (``None``: balanced by counted cost), grids."""
+        cfg = self.config
+        self.seq = layer_sequence(self.model)
+        self.info = analyze_layers(self.model, cfg.input_size)
         self._infos = {tuple(cfg.input_size[1:]): self.info}
         n = len(self.seq)
-        self.bounds = balanced_bounds(self.info.costs, self.world_size)
+        self.bounds = bounds if bounds is not None else balanced_bounds(self.info.costs, self.world_size)
         self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
         self.fwd_levels = build_hierarchy(self.info.residual, self.bounds, cfg.cf, cfg.levels)
         rbounds = [n - b for b in reversed(self.bounds)]
@@ -228,10 +264,50 @@ class MGRITEngine(Engine):
                           for _, m in self.seq]
         self.part = nn.ModuleList([m for _, m in self.seq[self.lo:self.hi]])
         self._prev: dict | None = None
-        self._make_optimizer()
-        logger.info("mgrit rank %d/%d owns layers %d..%d (%s .. %s); %d forward levels",
-                    self.rank, self.world_size, self.lo, self.hi - 1, self.seq[self.lo][0],
-                    self.seq[self.hi - 1][0], len(self.fwd_levels))
+        self._store = ClassMeanStore() if cfg.warm_start == "class_mean" else None
+
+    def repartition(self, times: dict[str, float] | None = None) -> dict:
+        """Collective, after layers were removed from the model (on every rank alike, e.g. by
+        :meth:`prune_`): rebalance the ranks' stages by measured per-layer time (``times``,
+        default the times measured in the final sweeps; layers never timed are costed by
+        their counted cost at the median seconds per unit), gather the owned parameters and
+        buffers and the optimiser state of every surviving parameter, then rebuild the grids
+        and the optimiser with the state kept (hyper-parameters and LR-scheduler binding kept
+        when the optimiser's groups line up). Returns ``bounds_before/after``, the per-rank
+        loads in measured seconds and ``imbalance_before/after`` (max load / mean load − 1;
+        before: the old stages with the removed layers gone, i.e. without re-partitioning;
+        ``imbalance_unpruned``: the old stages of the whole old sequence)."""
+        return repartition_engine(self, times)
+
+    def measured_layer_time(self) -> dict[str, float]:
+        """Collective: seconds per layer measured in the final sweeps (moving average), all
+        ranks' layers, on every rank (what :meth:`repartition` balances)."""
+        return gather_layer_time(self)
+
+    def prune_(self, prune_config, times: dict[str, float] | None = None):
+        """Collective: gather the current weights on every rank, prune the model alike
+        everywhere (:func:`resprune.prune.prune_`), re-partition. Returns
+        ``(PruneReport, repartition dict)``."""
+        from ..prune import prune_ as prune_model
+
+        self.sync_model()
+        report = prune_model(self.model, prune_config)
+        return report, self.repartition(times)
+
+    def sync_model(self) -> None:
+        """Collective: every rank's copy of the whole model takes the current owned weights
+        (ranks otherwise hold stale copies of the layers they do not own)."""
+        local = {}
+        for name, m in self.seq[self.lo:self.hi]:
+            for k, v in m.state_dict().items():
+                local[f"{name}.{k}"] = v.detach().cpu().clone()
+        parts = self.comm.broadcast_object(self.comm.gather_object(local), 0)
+        merged = {k: v for d in parts for k, v in d.items()}
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for k, v in merged.items():
+                if k in own:
+                    own[k].copy_(v)
 
     # ---- ownership -----------------------------------------------------------------------
     def local_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -281,7 +357,13 @@ class MGRITEngine(Engine):
         B = x.shape[0]
         info = self._layer_info(x)
         conv = cfg.mode == "converged"
-        warm = cfg.warm_start and self._prev is not None and self._prev["shape"] == tuple(x.shape)
+        fits, bits = self._iters if cfg.mode == "adaptive" else (cfg.fwd_iters, cfg.bwd_iters)
+        if self._store is not None:  # class-mean start: one guess per sample, from its label
+            ug, lg = self._store.guess(y)
+            warm = ug is not None
+        else:
+            warm = bool(cfg.warm_start) and self._prev is not None and self._prev["shape"] == tuple(x.shape)
+            ug, lg = (self._prev["u"], self._prev["lam"]) if warm else (None, None)
         clock = [time.perf_counter()]
         self.comm.wait_s = 0.0
 
@@ -293,10 +375,8 @@ class MGRITEngine(Engine):
         fsolver = MGRITSolver(self.fwd_levels, self.comm, self._fstep,
                               lambda p: info.point_shape(p, B), cfg.relax)
         with torch.no_grad(), _bn_stats_frozen(self.part):
-            u, finfo = fsolver.solve(x if me == 0 else None, x, cfg.fwd_iters,
-                                     cfg.tol if conv else None,
-                                     "guess" if warm else cfg.initial,
-                                     self._prev["u"] if warm else None)
+            u, finfo = fsolver.solve(x if me == 0 else None, x, fits, cfg.tol if conv else None,
+                                     "guess" if warm else cfg.initial, ug)
         t_fwd_solve = lap()
         # final sweep: F-relaxation that builds each owned layer's graph (BN stats update once)
         graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -304,13 +384,16 @@ class MGRITEngine(Engine):
         # kept as tensors, read once with the loss (no device sync per interval)
         defect = torch.zeros(4, dtype=torch.float64, device=x.device)  # fwd ‖Φ(u[c−1]) − u[c]‖², ‖u[c]‖²; adj
         owned = set(fsolver.c_points())
+        ltime: dict[int, float] = {}  # seconds per owned layer in the final sweeps
         for a, b in fsolver.intervals(0):
             s = u[a]
             for n in range(a, b):
+                t0 = time.perf_counter()
                 inp = s.detach().requires_grad_(True)
                 out = self.seq[n][1](inp)
                 graphs[n] = (inp, out)
                 s = out.detach()
+                ltime[n] = time.perf_counter() - t0
             if b in owned:
                 defect[0] += (s - u[b]).double().pow(2).sum()
                 defect[1] += u[b].double().pow(2).sum()
@@ -324,7 +407,8 @@ class MGRITEngine(Engine):
             (lam_n,) = torch.autograd.grad(task, logits, retain_graph=True)
             loss += float(task.detach())
         if self.regularizer is not None:
-            reg = self.regularizer(self.part)
+            kw = neighbour_params(self) if getattr(self.regularizer, "neighbours", False) else {}
+            reg = self.regularizer(self.part, **kw)
             if reg.requires_grad:
                 reg.backward()
             loss += float(reg.detach())
@@ -350,9 +434,8 @@ class MGRITEngine(Engine):
 
         bsolver = MGRITSolver(self.bwd_levels, ReversedComm(self.comm), bstep,
                               lambda tp: info.point_shape(n_layers - tp, B), cfg.relax)
-        lam, binfo = bsolver.solve(lam_n, x, cfg.bwd_iters, cfg.tol if conv else None,
-                                   "guess" if warm else cfg.initial,
-                                   self._prev["lam"] if warm else None)
+        lam, binfo = bsolver.solve(lam_n, x, bits, cfg.tol if conv else None,
+                                   "guess" if warm else cfg.initial, lg)
         t_bwd_solve = lap()
         # final adjoint sweep: parameter gradients from the final adjoints (each layer once)
         bowned = set(bsolver.c_points()) - {n_layers}  # the input point has no adjoint value here
@@ -360,18 +443,25 @@ class MGRITEngine(Engine):
             s = lam[a]
             for tp in range(a, b):
                 n = n_layers - 1 - tp
+                t0 = time.perf_counter()
                 inp, out = graphs.pop(n)
                 params = [p for p in self.seq[n][1].parameters() if p.requires_grad]
                 inputs = params + ([inp] if n > 0 else [])
                 if inputs:
                     torch.autograd.backward(out, s, inputs=inputs)
                 s = inp.grad if inp.grad is not None else torch.zeros_like(inp)
+                ltime[n] = ltime.get(n, 0.0) + time.perf_counter() - t0
             if b in bowned:
                 defect[2] += (s - lam[b]).double().pow(2).sum()
                 defect[3] += lam[b].double().pow(2).sum()
 
         t_bwd_sweep = lap()
-        if cfg.warm_start:
+        for n, sec in ltime.items():  # per-layer time for re-partitioning (EMA over steps)
+            name = self.seq[n][0]
+            self.layer_time[name] = sec if name not in self.layer_time else 0.8 * self.layer_time[name] + 0.2 * sec
+        if self._store is not None:
+            self._store.update(y, {p: u[p] for p in fsolver.c_points()}, {p: lam[p] for p in bsolver.c_points()})
+        elif cfg.warm_start:
             self._prev = {
                 "shape": tuple(x.shape),
                 "u": {p: u[p].detach() for p in fsolver.c_points()},
@@ -379,17 +469,26 @@ class MGRITEngine(Engine):
             }
         total, *defect = self.comm.all_reduce_sum([float(loss), *defect.tolist()])
         t_total = time.perf_counter() - clock[0]
-        self.stats = {"fwd_iters": finfo.iterations, "fwd_residuals": finfo.residuals,
+        fdef = (defect[0] / defect[1]) ** 0.5 if defect[1] > 0 else None
+        bdef = (defect[2] / defect[3]) ** 0.5 if defect[3] > 0 else None
+        if cfg.mode == "adaptive":  # next step's cycles from this step's measured defects
+            for i, (d, cap) in enumerate(((fdef, cfg.fwd_iters), (bdef, cfg.bwd_iters))):
+                if d is not None and d > cfg.tol:
+                    self._iters[i] = min(cap, self._iters[i] + 1)
+                elif d is not None and d < cfg.tol / 4:
+                    self._iters[i] = max(min(cfg.min_iters, cap), self._iters[i] - 1)
+        self.stats = {"warm": warm, "fwd_iters": finfo.iterations, "fwd_residuals": finfo.residuals,
                       "bwd_iters": binfo.iterations, "bwd_residuals": binfo.residuals,
                       # relative C-point defect of the states/adjoints the gradients used:
                       # ‖Φ(u[c−1]) − u[c]‖/‖u[c]‖ over the C-points inside ranks (0 if exact)
-                      "fwd_defect": (defect[0] / defect[1]) ** 0.5 if defect[1] > 0 else None,
-                      "bwd_defect": (defect[2] / defect[3]) ** 0.5 if defect[3] > 0 else None,
+                      "fwd_defect": fdef, "bwd_defect": bdef,
                       # wall seconds of this rank's phases (the solves include waiting for
                       # other ranks; comm_wait_s is all time blocked in communication)
                       "times_s": {"fwd_solve": t_fwd_solve, "fwd_sweep": t_fwd_sweep,
                                   "bwd_solve": t_bwd_solve, "bwd_sweep": t_bwd_sweep,
-                                  "total": t_total},
+                                  "total": t_total,
+                                  # the solves' coarsest-level (sequential) part, waiting included
+                                  "fwd_coarsest": fsolver.seq_s, "bwd_coarsest": bsolver.seq_s},
                       "comm_wait_s": self.comm.wait_s}
         return total
 
@@ -444,3 +543,5 @@ class MGRITEngine(Engine):
             raise ValueError("load_full_state_dict: rank 0 has no state dict")
         self.model.load_state_dict(sd)
         self._prev = None
+        if self._store is not None:
+            self._store = ClassMeanStore()

@@ -21,7 +21,8 @@ keeps at least one step on every level.
 
 One iteration (:meth:`MGRITSolver.solve`), level ℓ with right-hand side ``g``:
 
-1. relax: F (propagate every interval from its C-point, all intervals at once) or FCF;
+1. relax: F (propagate every interval from its C-point, all intervals at once) or FCF,
+   chosen per level (e.g. ``"F,FCF"``: F on the finest level, FCF on the coarser ones);
 2. C-point residual ``r = Φ(u[c−1]) + g[c] − u[c]`` (the norm is recorded on level 0);
 3. FAS coarse problem ``v[k+1] = Φc(v[k]) + G[k+1]`` with
    ``G[k+1] = Φ(u[c_{k+1}−1]) + g[c_{k+1}] − Φc(u[c_k])`` and initial guess ``v = u[C]``;
@@ -30,7 +31,8 @@ One iteration (:meth:`MGRITSolver.solve`), level ℓ with right-hand side ``g``:
 4. correct ``u[C] ← v`` (injection; FAS), and on coarse levels F-relax again.
 
 With F-relaxation the iteration is exact after as many iterations as there are level-1
-intervals (exactness of MGRIT): interval ``k`` is exact after iteration ``k``.
+intervals (exactness of MGRIT): interval ``k`` is exact after iteration ``k``. Iterations
+count cycles: the start (nested coarse solve, zero, or a guess) is not one.
 
 Communication: one tensor (or a stack of two) to the next rank per relaxation phase and per
 level, and one all-reduce of two numbers per fine-level iteration.
@@ -38,6 +40,7 @@ level, and one all-reduce of two numbers per fine-level iteration.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,8 +107,8 @@ def build_hierarchy(coarsenable: list[bool], bounds: list[int], cf: int, max_lev
 
 @dataclass
 class SolveInfo:
-    """What one solve did: coarse-grid solves (the nested start counts as one), and the
-    relative C-point residual ‖r‖/‖u_C‖ after each relaxation on level 0."""
+    """What one solve did: cycles after the start (the nested coarse start is not counted),
+    and the relative C-point residual ‖r‖/‖u_C‖ after each relaxation on level 0."""
 
     iterations: int
     residuals: list[float]
@@ -123,7 +126,8 @@ class MGRITSolver:
         comm: the ranks, in time order (rank 0 owns point 0).
         step_fn: ``step_fn(desc, u) -> Φ(u)`` for a step descriptor ``(t, m)``.
         shape_fn: shape of the state at a level-0 point (for receives).
-        relax: ``"F"`` or ``"FCF"``.
+        relax: ``"F"``, ``"FCF"``, or one per level separated by commas (``"F,FCF"``; the
+            last one holds for every deeper level).
     """
 
     def __init__(
@@ -136,11 +140,13 @@ class MGRITSolver:
     ) -> None:
         self.levels, self.comm, self.step_fn, self.shape_fn = levels, comm, step_fn, shape_fn
         self.relax = relax
+        self._relax_kinds = [r.strip() for r in relax.split(",")]
         self.me, self.P = comm.rank, comm.world_size
         if len(levels[0].bounds) != self.P + 1:
             raise ValueError(f"hierarchy has {len(levels[0].bounds) - 1} ranks, comm has {self.P}")
         self._iv = [self._owned_intervals(lv) for lv in range(len(levels) - 1)]
         self.like: torch.Tensor | None = None
+        self.seq_s = 0.0  # seconds in coarsest-level (sequential, pipelined) solves
 
     # ---- bookkeeping -------------------------------------------------------------------
     def range(self, lvl: int) -> tuple[int, int]:
@@ -191,14 +197,25 @@ class MGRITSolver:
         for b, v in self._exchange(lvl, self._cvals(lvl, u)).items():
             u[b] = _add(v, g.get(b))
 
+    def relax_at(self, lvl: int) -> str:
+        return self._relax_kinds[min(lvl, len(self._relax_kinds) - 1)]
+
     def _relax(self, lvl: int, u: dict, g: dict) -> None:
         self.frelax(lvl, u, g)
-        if self.relax == "FCF":
+        if self.relax_at(lvl) == "FCF":
             self.crelax(lvl, u, g)
             self.frelax(lvl, u, g)
 
     def sequential(self, lvl: int, u: dict, g: dict) -> None:
-        """Exact solve of a level, pipelined: each rank waits for its first point."""
+        """Exact solve of a level, pipelined: each rank waits for its first point. The wall
+        time goes to ``seq_s`` (the part of a solve that does not shrink as ranks are added)."""
+        t0 = time.perf_counter()
+        try:
+            self._sequential(lvl, u, g)
+        finally:
+            self.seq_s += time.perf_counter() - t0
+
+    def _sequential(self, lvl: int, u: dict, g: dict) -> None:
         lo, hi = self.range(lvl)
         if self.me > 0:
             u[lo] = _add(self.comm.recv(self._shape(lvl, lo), self.me - 1, self.like), g.get(lo))
@@ -284,7 +301,8 @@ class MGRITSolver:
         Args:
             u0: the state at point 0 (used on rank 0 only).
             like: any tensor of the states' dtype and device (for receives).
-            max_iter: cap on coarse-grid solves (the nested start counts as one).
+            max_iter: cycles after the start (a cap when ``tol`` is given). With F-relaxation
+                the solve is exact after as many cycles as there are level-1 intervals.
             tol: stop when the relative C-point residual is ``<= tol`` (``None``: never).
             start: ``"coarse"`` (nested iteration), ``"zero"``, or ``"guess"`` (use ``guess``
                 for the C-points).
@@ -297,7 +315,6 @@ class MGRITSolver:
         its = 0
         if start == "coarse":
             self.nested_start(u)
-            its = 1
         else:
             for p in self.c_points():
                 if start == "guess" and guess is not None and p in guess:
