@@ -5,9 +5,11 @@ Variants, all on the same model (ResConv ResNet-110 by default) and batch size:
 * ``eager_fp32``: the loop a user writes first: torchvision transforms per sample
   (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader,
   fp32, contiguous memory.
-* ``eager_bf16_cl`` (CUDA only): the same loop with bf16 autocast and channels_last.
+* ``eager_bf16_cl`` (where bf16 is native: CUDA, CPUs with AVX512-BF16/AMX): the same loop
+  with bf16 autocast and channels_last.
 * ``resprune``: resprune's path: the uint8 data set on the device, batched augmentation
-  (``DeviceLoader``), the ``Trainer`` step (bf16 + channels_last on CUDA, prox L1).
+  (``DeviceLoader``), the ``Trainer`` step (precision "auto": bf16 + channels_last where bf16
+  is native, prox L1).
 * ``resprune_noresconv``: the same path on the same net built without ResConv
   (``resconv=False``), to measure what ResConv costs in training.
 
@@ -32,6 +34,7 @@ from resprune.config import TrainConfig
 from resprune.data import DeviceLoader, load_arrays
 from resprune.data.sources import ArrayDataset
 from resprune.train import Trainer
+from resprune.train.loop import native_bf16, resolve_precision
 from resprune.train.pipeline import hardware
 
 
@@ -89,7 +92,7 @@ def eager_runner(ds: ArrayDataset, model: torch.nn.Module, batch: int, device, b
 def resprune_runner(ds: ArrayDataset, model: torch.nn.Module, batch: int, device):
     cfg = TrainConfig(epochs=1000, lr=0.05, l1=1e-4, device=str(device))
     loader = DeviceLoader(ds, batch, train=True, augment=True, device=device,
-                          channels_last=device.type == "cuda")
+                          channels_last=resolve_precision(cfg, device)[1])
     trainer = Trainer(model, loader, loader, cfg, None, "bench", log=lambda s: None)
     it = _cycle(loader)
 
@@ -103,14 +106,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet110")
     ap.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default: random images)")
-    ap.add_argument("--batch", type=int, default=None, help="default 512 on CUDA, 64 on CPU")
+    ap.add_argument("--batch", type=int, default=None, help="default 512 on CUDA, 128 on CPU")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 20 CUDA, 3 CPU)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    batch = args.batch or (512 if cuda else 64)
+    batch = args.batch or (512 if cuda else 128)
     steps = args.steps or (20 if cuda else 3)
     ds, what = _data(args.data_dir, max(4 * batch * steps, 2048))
     torch.manual_seed(0)
@@ -119,7 +122,7 @@ def main() -> None:
         "resprune": resprune_runner(ds, rp.create_model(args.model), batch, device),
         "resprune_noresconv": resprune_runner(ds, rp.create_model(args.model, resconv=False), batch, device),
     }
-    if cuda:
+    if native_bf16(device):
         variants["eager_bf16_cl"] = eager_runner(ds, rp.create_model(args.model), batch, device, True)
     for step in variants.values():  # warm-up (allocator, cudnn autotune, compile)
         for _ in range(2):

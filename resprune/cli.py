@@ -205,12 +205,10 @@ def cmd_train(args: argparse.Namespace, full: bool = False) -> int:
     run = _prepare_run_dir(args, recipe)
     if _is_main():
         logger.info("run directory: %s", run.path)
-    if full:
-        if factory is not None:
-            raise ValueError("`resprune run` with a layer-parallel engine: run `resprune train ... --engine` "
-                             "then the other stages on its run directory")
-        pipeline.run_all(recipe, run, resume=args.resume)
-        _print_summary(run)
+    if full:  # with an engine: train and fine-tune layer-parallel, the other stages on rank 0
+        pipeline.run_all(recipe, run, resume=args.resume, engine_factory=factory)
+        if _is_main():
+            _print_summary(run)
     else:
         pipeline.stage_train(recipe, run, resume=args.resume, engine_factory=factory)
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ModelConfig", "DataConfig", "TrainConfig", "PruneStageConfig", "ExportConfig", "Recipe",
+    "ModelConfig", "DataConfig", "TrainConfig", "PruneStageConfig", "ExportConfig", "ReportConfig", "Recipe",
     "RecipeError", "load_recipe", "recipe_from_dict", "apply_overrides", "recipe_dirs", "list_recipes",
 ]
 
@@ -93,8 +93,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     l1: float = 0.0  # λ of the L1 penalty on removable layer scales
     l1_mode: str = "prox"  # prox: soft-threshold after each step (exact zeros) | subgradient: in the loss
-    bf16: bool = True  # autocast on CUDA only
-    channels_last: bool = True  # CUDA only
+    smooth: float = 0.0  # γ of the smoothness penalty γ·Σ‖θₙ₊₁ − θₙ‖² across consecutive layers
+    bf16: bool | str = "auto"  # bf16 autocast: auto = on CUDA and on CPUs with native bf16
+    channels_last: bool | str = "auto"  # auto = wherever bf16 autocast is on
+    eval_every: int = 1  # evaluate the test set every N epochs (and always after the last)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False
@@ -103,7 +105,7 @@ class TrainConfig:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise RecipeError(f"epochs must be an int >= 0, got {self.epochs!r}")
         _positive("lr", self.lr)
-        for k in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing", "l1", "gamma"):
+        for k in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing", "l1", "gamma", "smooth"):
             _positive(k, getattr(self, k), allow_zero=True)
         if self.l1_mode not in ("prox", "subgradient"):
             raise RecipeError(f"l1_mode must be prox or subgradient, got {self.l1_mode!r}")
@@ -111,6 +113,11 @@ class TrainConfig:
             raise RecipeError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
         if self.label_smoothing >= 1:
             raise RecipeError("label_smoothing must be < 1")
+        for k in ("bf16", "channels_last"):
+            if getattr(self, k) not in (True, False, "auto"):
+                raise RecipeError(f"{k} must be true, false or \"auto\", got {getattr(self, k)!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise RecipeError(f"eval_every must be an int >= 1, got {self.eval_every!r}")
         object.__setattr__(self, "milestones", tuple(self.milestones))
 
 
@@ -160,6 +167,24 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What the report compares the pruned model with.
+
+    ``baseline``: the same net trained on the same schedule without L1 and not pruned, as a
+    run directory (its trained and final accuracy, MACs and params become the report's
+    baseline column) or as a number (its final test accuracy in %, e.g. a published figure).
+    """
+
+    baseline: str | float | None = None
+
+    def __post_init__(self) -> None:
+        b = self.baseline
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (str, int, float))
+                              or (not isinstance(b, str) and not 0 <= b <= 100)):
+            raise RecipeError(f"report.baseline must be a run directory or an accuracy in % (0-100), got {b!r}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,6 +193,7 @@ class Recipe:
     prune: PruneStageConfig = field(default_factory=PruneStageConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0, lr=0.01, l1=0.0))
     export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     engine: str = "serial"
     nproc: int = 1
     engine_options: dict = field(default_factory=dict)  # e.g. MGRITConfig fields for engine="mgrit"
@@ -181,7 +207,7 @@ class Recipe:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "prune": PruneStageConfig,
-            "finetune": TrainConfig, "export": ExportConfig}
+            "finetune": TrainConfig, "export": ExportConfig, "report": ReportConfig}
 
 
 def _build(cls, values: dict, where: str):

@@ -261,6 +261,7 @@ def export_onnx(
     atol: float = DEFAULT_ATOL,
     rtol: float = 0.0,
     check_batches: tuple[int, int] = (1, 5),
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to one self-contained ONNX file and check it with onnxruntime.
 
@@ -290,6 +291,9 @@ def export_onnx(
         atol: absolute tolerance of the check on the logits.
         rtol: tolerance relative to the largest |logit| of the reference (added to ``atol``).
         check_batches: the two batch sizes of the check.
+        metadata: plain data merged into the sidecar (the pipeline adds ``preprocess``,
+            ``classes``, ``test_accuracy`` and ``dataset``, so that the ONNX file plus its
+            sidecar suffice to classify a raw image: ``export/eval_onnx.py``).
 
     Returns:
         The sidecar contents (also written to ``<path>.json``).
@@ -353,6 +357,10 @@ def export_onnx(
         }
         if source is not None:
             info["source"] = {"path": str(source), "sha256": sha256_file(source)}
+        clash = set(metadata or {}) & set(info)
+        if clash:
+            raise ValueError(f"export_onnx: metadata key(s) {sorted(clash)} would overwrite the sidecar's own")
+        info.update(metadata or {})
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -162,15 +162,19 @@ def export_run_dir(
     from .onnx import export_onnx
     from .serialization import load, load_payload
 
+    from .serialization import remove_stale_temp
+
     run_dir = Path(run_dir)
     srcs = {k: require(run_dir, ckpt, "export") for k, (ckpt, _) in ONNX_FILES.items()}
+    for f in remove_stale_temp(run_dir / "onnx"):  # a partial file of an export that was killed
+        logger.info("export: removed %s (left by an export that was killed)", f)
     out = {}
     for key, (_, rel) in ONNX_FILES.items():
         payload = load_payload(srcs[key])
         model = load(srcs[key])
         size = _input_size(run_dir, payload, input_size, model, METRICS_STAGE[key])
         out[key] = export_onnx(model, run_dir / rel, size, dynamic_batch, opset, source=srcs[key],
-                               atol=atol, rtol=rtol)
+                               atol=atol, rtol=rtol, metadata=(payload.get("extra") or {}).get("deploy"))
         logger.info("export: %s → %s", srcs[key], run_dir / rel)
     return out
 
@@ -201,19 +205,27 @@ def bench_run_dir(
     memory: bool = True,
     tool: str | os.PathLike | None = None,
     quiet: bool = False,
+    allow_unverified: bool = False,
 ) -> dict:
     """Verify the run's ONNX files and time them with ``export/ort_bench.py`` → ``bench.json``.
 
     The tool runs in a subprocess with the current Python, labels ``unpruned`` and ``pruned``
     (the reference of the ratios is ``unpruned``); ``threads`` 0 or None lets onnxruntime
-    choose. Returns the parsed ``bench.json``.
+    choose. A file without its sidecar (``.json``) cannot be checked against what was exported
+    and is refused (:class:`OnnxVerificationError`) unless ``allow_unverified``. Returns the
+    parsed ``bench.json``.
     """
-    from .onnx import verify_onnx
+    from .onnx import OnnxVerificationError, sidecar_path, verify_onnx
 
     run_dir = Path(run_dir)
     paths = {k: require(run_dir, rel, "bench") for k, (_, rel) in ONNX_FILES.items()}
     for p in paths.values():
-        verify_onnx(p)
+        if not sidecar_path(p).is_file() and not allow_unverified:
+            raise OnnxVerificationError(
+                f"{p}: its sidecar {sidecar_path(p).name} is missing, so the file cannot be checked against "
+                "what was exported; re-export it (resprune export), or pass --allow-unverified to time it anyway")
+        if not verify_onnx(p)["functional"]:
+            logger.warning("bench: %s is timed unverified (no sidecar; --allow-unverified)", p)
     out = run_dir / "bench.json"
     cmd = [sys.executable, str(find_bench_tool(tool)), str(paths["unpruned"]), str(paths["pruned"]),
            "--names", "unpruned", "pruned", "--batch", *map(str, batches), "--runs", str(runs),
@@ -249,10 +261,41 @@ def _pick(model_name: str, bench: dict) -> str | None:
     return None
 
 
-def summarize_run(run_dir: str | os.PathLike, latency: bool = True) -> dict[str, Any]:
+def _final_stage(stages: dict) -> str:
+    return next((s for s in AFTER_STAGES if (stages.get(s) or {}).get("test_acc") is not None),
+                next((s for s in AFTER_STAGES if s in stages), "pruned"))
+
+
+def summarize_baseline(baseline: str | float | os.PathLike | None, run_dir: Path) -> dict | None:
+    """The baseline column: a run directory of the same schedule without L1 (its trained and
+    final accuracy, MACs, params) or a bare accuracy figure in %. A relative directory is
+    looked up from the current directory, then beside ``run_dir``."""
+    if baseline is None:
+        return None
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return {"source": "figure", "run_dir": None, "trained_acc": None, "final_acc": float(baseline),
+                "macs": None, "params": None, "epochs": None}
+    p = Path(baseline)
+    if not p.is_absolute() and not p.is_dir() and (run_dir.parent / p).is_dir():
+        p = run_dir.parent / p
+    if not p.is_dir():
+        raise RunDirError(f"baseline run directory {baseline} does not exist (report.baseline / --baseline)")
+    stages = _read_json(require(p, "metrics.json", "report --baseline")).get("stages", {})
+    trained, final = stages.get("sparse") or {}, stages.get(_final_stage(stages)) or {}
+    if trained.get("test_acc") is None:
+        raise RunDirError(f"baseline {p}: metrics.json has no trained accuracy (stage 'sparse'); run it first")
+    epochs = (trained.get("epochs") or 0) + ((stages.get("finetuned") or {}).get("epochs") or 0)
+    return {"source": "run", "run_dir": str(p), "name": p.resolve().name, "trained_acc": trained["test_acc"],
+            "final_acc": final.get("test_acc"), "macs": final.get("macs") or trained.get("macs"),
+            "params": final.get("params") or trained.get("params"), "epochs": epochs}
+
+
+def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
+                  baseline: str | float | os.PathLike | None = None) -> dict[str, Any]:
     """Everything the report shows about one run, as plain data (see ``report.json``).
 
     ``latency=False`` reports without ``bench.json`` (no latency rows or plots).
+    ``baseline``: see :func:`summarize_baseline` (default: the recipe's ``report.baseline``).
     """
     run_dir = Path(run_dir)
     prune = _read_json(require(run_dir, "prune.json", "report"))
@@ -260,9 +303,7 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True) -> dict[str,
     bench = _read_json(require(run_dir, "bench.json", "report")) if latency else {}
     stages = metrics.get("stages", {})
     before = _stage_values(stages, "sparse")
-    after_name = next((s for s in AFTER_STAGES if (stages.get(s) or {}).get("test_acc") is not None),
-                      next((s for s in AFTER_STAGES if s in stages), "pruned"))
-    after = _stage_values(stages, after_name)
+    after = _stage_values(stages, _final_stage(stages))
     for side, key, pkey in ((before, "macs", "macs_before"), (before, "params", "params_before"),
                             (after, "macs", "macs_after"), (after, "params", "params_after")):
         if side[key] is None:
@@ -284,13 +325,16 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True) -> dict[str,
     units = Counter(n.split(".")[0] for n in scales.get("names", []))
     for s in prune.get("removed_per_stage", {}):
         units.setdefault(s, prune["removed_per_stage"][s])
-    model = None
+    model, rec = None, {}
     if (run_dir / "recipe.json").is_file():
         try:
             rec = json.loads((run_dir / "recipe.json").read_text())
             model = rec.get("model") if isinstance(rec.get("model"), str) else (rec.get("model") or {}).get("name")
         except (json.JSONDecodeError, AttributeError):
-            pass
+            rec = {}
+    if baseline is None and isinstance(rec.get("report"), dict):
+        baseline = rec["report"].get("baseline")
+    base = summarize_baseline(baseline, run_dir)
     ratios = {k: (after[k] / before[k]) if before.get(k) and after.get(k) is not None else None
               for k in ("macs", "params")}
     acc_delta = (after["test_acc"] - before["test_acc"]
@@ -298,12 +342,19 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True) -> dict[str,
     return {
         "name": run_dir.resolve().name, "run_dir": str(run_dir), "model": model,
         "before": before, "after": after, "ratios": ratios, "acc_delta_pt": acc_delta,
+        "baseline": base,
+        "l1_cost_pt": (before["test_acc"] - base["trained_acc"]
+                       if base and base["trained_acc"] is not None and before["test_acc"] is not None else None),
+        "vs_baseline_pt": (after["test_acc"] - base["final_acc"]
+                           if base and base["final_acc"] is not None and after["test_acc"] is not None else None),
         "latency": latency, "removed": prune.get("removed", []),
         "removed_per_stage": prune.get("removed_per_stage", {}), "units_per_stage": dict(units),
         "max_removed_scale": prune.get("max_removed_scale"),
         "prune_config": prune.get("config", {}), "scales": scales,
         "device": bench.get("device", {}), "bench_settings": bench.get("settings", {}),
         "hardware": metrics.get("hardware"),
+        "engine": {k: (stages.get(k) or {}).get("engine") for k in ("sparse", "finetuned")
+                   if (stages.get(k) or {}).get("engine")},
     }
 
 
@@ -319,6 +370,13 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
     lines = [f"## {r['name']}", ""]
     if r["model"]:
         lines.append(f"model: `{r['model']}`  ")
+    for stage, e in (r.get("engine") or {}).items():  # layer-parallel training: engine and settings
+        opts = ", ".join(f"{k}={v}" for k, v in (e.get("options") or {}).items() if k != "version")
+        rb = e.get("repartition") or {}
+        moved = (f" (re-partitioned by measured layer time: load imbalance {rb['imbalance_before']:.1%} → "
+                 f"{rb['imbalance_after']:.1%})" if rb.get("imbalance_after") is not None else "")
+        lines.append(f"{stage} training engine: `{e.get('name')}` on {e.get('nproc')} processes"
+                     f"{f' ({opts})' if opts else ''}, layer bounds {e.get('bounds')}{moved}  ")
     d, s = r["device"], r["bench_settings"]
     if d:
         lines.append(
@@ -326,6 +384,19 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
             f"{d.get('onnxruntime')}, {', '.join(s.get('providers', []))}, threads {s.get('threads') or 'default'}, "
             f"{s.get('runs')} interleaved runs after {s.get('warmup')} warm-up, medians"
         )
+    base = r.get("baseline")
+    if base:
+        what = (f"run `{base['name']}`, {base['epochs']} epochs, no L1, nothing pruned" if base["source"] == "run"
+                else "given figure")
+        lines += ["", f"| | baseline ({what}) | pruned ({a['stage']}) | pruned − baseline |", "|---|---:|---:|---:|"]
+        lines.append(f"| test accuracy (%) | {_f(base['final_acc'], '.2f')} | {_f(a['test_acc'], '.2f')} | "
+                     f"{_f(r['vs_baseline_pt'], '+.2f')} pt |")
+        if base["macs"]:
+            lines.append(f"| MACs (M) | {base['macs'] / 1e6:.2f} | {_f(a['macs'] and a['macs'] / 1e6, '.2f')} | "
+                         f"{_f(a['macs'] and 100 * (a['macs'] / base['macs'] - 1), '+.1f')}% |")
+        if base["trained_acc"] is not None:
+            lines += ["", f"What L1 cost before pruning: sparse-trained {_f(b['test_acc'], '.2f')}% vs "
+                      f"{base['trained_acc']:.2f}% trained without L1 ({_f(r['l1_cost_pt'], '+.2f')} pt)."]
     lines += ["", f"| | before ({b['stage']}) | after ({a['stage']}) | after / before |", "|---|---:|---:|---:|"]
     delta = r["acc_delta_pt"]
     lines.append(f"| test accuracy (%) | {_f(b['test_acc'], '.2f')} | {_f(a['test_acc'], '.2f')} | "
@@ -344,8 +415,13 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
     cfg = r["prune_config"]
     rule = (f"threshold |s| < {cfg['threshold']:g}" if cfg.get("threshold") is not None
             else f"MACs budget {cfg.get('target_macs')}" if cfg.get("target_macs") is not None else "unknown rule")
-    lines += ["", f"Removed {len(r['removed'])} units ({rule}; per stage removed/removable: {per}); "
-              f"largest removed |s| = {_f(r['max_removed_scale'], '.3g')}.", ""]
+    if r["removed"]:
+        lines += ["", f"Removed {len(r['removed'])} units ({rule}; per stage removed/removable: {per}); "
+                  f"largest removed |s| = {_f(r['max_removed_scale'], '.3g')}.", ""]
+    else:
+        lines += ["", f"Nothing was removed ({rule}). To remove layers, train with a larger L1 weight λ "
+                  "(train.l1) or for more epochs (train.epochs), or prune with a larger prune.threshold or a "
+                  "prune.target_macs budget.", ""]
     for title, key in (("layer scales", "scales"), ("before/after", "before_after"),
                        ("removed per stage", "removed_per_stage")):
         if key in plots:
@@ -354,7 +430,8 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
 
 
 def write_report(
-    run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None, *, latency: bool = True
+    run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None, *, latency: bool = True,
+    baseline: str | float | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and ``plots/*.png`` for one or several runs.
 
@@ -364,6 +441,8 @@ def write_report(
             with several).
         latency: require ``bench.json`` and report latency (``False``: a report without
             latency, for runs whose recipe skips the benchmark).
+        baseline: a baseline run directory or accuracy figure for every run (default: each
+            run's recipe ``report.baseline``); see :func:`summarize_baseline`.
 
     Returns:
         The ``report.json`` contents (with ``"out"``, the output directory).
@@ -377,7 +456,7 @@ def write_report(
             raise ValueError("several run directories need an output directory (--out DIR)")
         out = run_dirs[0]
     out = Path(out)
-    runs = [summarize_run(d, latency) for d in run_dirs]  # all inputs checked before anything is written
+    runs = [summarize_run(d, latency, baseline) for d in run_dirs]  # all inputs checked before anything is written
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         for i, r in enumerate(runs):
@@ -456,16 +535,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         bench_run_dir(args.run_dir, batches=tuple(args.batch), runs=args.runs, warmup=args.warmup,
                       threads=args.threads, providers=args.providers, memory=not args.no_memory,
-                      tool=args.tool)
+                      tool=args.tool, allow_unverified=args.allow_unverified)
     except (RunDirError, OnnxVerificationError, RuntimeError) as exc:
         return _fail("bench", exc)
     print(f"wrote {Path(args.run_dir) / 'bench.json'}")
     return 0
 
 
+def _baseline_arg(v: str | None) -> str | float | None:
+    """``--baseline``: an accuracy figure when it parses as a number, else a run directory."""
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     try:
-        rep = write_report(args.run_dirs, args.out, latency=not args.no_latency)
+        rep = write_report(args.run_dirs, args.out, latency=not args.no_latency, baseline=_baseline_arg(args.baseline))
     except (RunDirError, ValueError) as exc:
         return _fail("report", exc)
     print(f"wrote {Path(rep['out']) / 'report.md'}, report.json and "
@@ -511,6 +600,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", help="onnxruntime execution providers (default: CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--tool", help="path of ort_bench.py (default: the repository's export/ort_bench.py)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="time ONNX files that have no sidecar (.json), which cannot be checked against the "
+                        "export; by default such a file is refused")
     p.set_defaults(func=_cmd_bench)
     return p
 
@@ -526,6 +618,9 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--out", help="output directory (default: RUN_DIR; required with several runs)")
+    p.add_argument("--baseline", metavar="RUN_DIR|ACC",
+                   help="baseline: a run directory of the same schedule without L1 (or its accuracy in %%); "
+                        "default: the recipe's report.baseline")
     p.add_argument("--no-latency", action="store_true",
                    help="report without bench.json (no latency); by default a missing bench.json is an error")
     p.set_defaults(func=_cmd_report)

@@ -153,6 +153,9 @@ def test_run_layer_parallel_two_processes(tmp_path):
     eng = stages["finetuned"]["engine"]
     assert eng["name"] == "mgrit" and eng["nproc"] == 2 and eng["options"]["warm_start"] == "class_mean"
     assert eng["bounds"][-1] == 10 - stages["pruned"]["removed"]  # the pruned chain, re-partitioned
+    rb = eng["repartition"]  # by the per-layer times measured in training
+    assert len(stages["sparse"]["engine"]["layer_time_s"]) == 10 and rb["bounds_after"] == eng["bounds"]
+    assert rb["imbalance_after"] <= rb["imbalance_before"] + 1e-12
     report = (out / "report.md").read_text()
     assert "training engine: `mgrit` on 2 processes" in report and "cf=2" in report
 

@@ -167,3 +167,100 @@ def test_cli_report_handler(run_dir, tmp_path, capsys):
     assert args.func(args) == 0
     assert (tmp_path / "rep" / "report.md").is_file()
     assert "report.md" in capsys.readouterr().out
+
+
+def test_report_baseline_column(run_dir, tmp_path):
+    """A baseline run (same schedule, no L1): the report says what L1 cost and how far the
+    pruned model is from the unpruned one trained as long; a figure works too."""
+    d, rep = run_dir
+    base = tmp_path / "r20-base"
+    base.mkdir()
+    stage = lambda a: {"test_acc": a, "macs": rep.macs_before, "params": rep.params_before, "epochs": 30}
+    (base / "metrics.json").write_text(json.dumps({"stages": {
+        "sparse": stage(92.3), "pruned": stage(92.3), "finetuned": stage(92.6) | {"epochs": 5}}}))
+    out = tmp_path / "with-base"
+    r = write_report([d], out, baseline=str(base))["runs"][0]
+    assert r["baseline"]["final_acc"] == 92.6 and r["baseline"]["epochs"] == 35
+    assert r["vs_baseline_pt"] == pytest.approx(91.5 - 92.6)
+    assert r["l1_cost_pt"] == pytest.approx(91.8 - 92.3)
+    md = (out / "report.md").read_text()
+    assert "baseline (run `r20-base`, 35 epochs, no L1, nothing pruned)" in md
+    assert "| test accuracy (%) | 92.60 | 91.50 | -1.10 pt |" in md and "(-0.50 pt)" in md
+    fig = write_report([d], tmp_path / "fig", baseline=93.0)["runs"][0]
+    assert fig["vs_baseline_pt"] == pytest.approx(-1.5) and fig["l1_cost_pt"] is None
+    with pytest.raises(RunDirError, match="does not exist"):
+        write_report([d], tmp_path / "x", baseline=str(tmp_path / "nope"))
+    assert not (tmp_path / "x").exists()  # nothing written on a bad baseline
+    # no baseline: no column, as before
+    assert write_report([d], tmp_path / "none")["runs"][0]["baseline"] is None
+
+
+def test_bench_refuses_an_onnx_without_its_sidecar(run_dir, tmp_path, capsys):
+    """A modified ONNX whose sidecar was deleted cannot be checked: refused, not timed with a
+    warning, unless --allow-unverified is given."""
+    import onnx
+    from onnx import numpy_helper
+
+    d, _ = run_dir
+    d2 = tmp_path / "tampered"
+    shutil.copytree(d, d2, ignore=shutil.ignore_patterns("bench.json"))
+    proto = onnx.load(str(d2 / "onnx" / "pruned.onnx"))
+    init = proto.graph.initializer[0]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
+    onnx.save(proto, str(d2 / "onnx" / "pruned.onnx"))
+    (d2 / "onnx" / "pruned.json").unlink()
+    args = _cli().parse_args(["bench", str(d2), "--batch", "1", "--runs", "2", "--warmup", "1", "--threads", "1",
+                              "--no-memory"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "pruned.onnx: its sidecar pruned.json is missing" in err and "--allow-unverified" in err
+    assert err.count("\n") == 1 and not (d2 / "bench.json").exists()
+    args = _cli().parse_args(["bench", str(d2), "--batch", "1", "--runs", "2", "--warmup", "1", "--threads", "1",
+                              "--no-memory", "--allow-unverified"])
+    assert args.func(args) == 0 and (d2 / "bench.json").is_file()
+
+
+def test_export_after_sigterm_removes_the_partial_file(run_dir, tmp_path):
+    """SIGTERM during export leaves onnx/.unpruned.onnx.tmp-PID; the next export removes it."""
+    import os
+    import subprocess
+    import sys
+
+    d, _ = run_dir
+    d2 = tmp_path / "killed"
+    shutil.copytree(d, d2, ignore=shutil.ignore_patterns("onnx", "bench.json"))
+    script = (
+        "import os, signal, sys\n"
+        "import onnx\n"
+        "from resprune.report import export_run_dir\n"
+        "real = onnx.load\n"
+        "def load_then_die(path, *a, **k):\n"
+        "    if '.tmp-' in str(path):  # the exporter has just written its temporary file\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(path, *a, **k)\n"
+        "onnx.load = load_then_die\n"
+        "export_run_dir(sys.argv[1])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, str(d2)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == -15, res.stderr[-2000:]
+    stale = list((d2 / "onnx").glob(".*.tmp-*"))
+    assert [p.name.split(".tmp-")[0] for p in stale] == [".unpruned.onnx"]
+    export_run_dir(d2)
+    assert sorted(p.name for p in (d2 / "onnx").iterdir()) == ["pruned.json", "pruned.onnx", "unpruned.json",
+                                                              "unpruned.onnx"]
+    assert verify_onnx(d2 / "onnx" / "unpruned.onnx")["functional"]
+
+
+def test_report_says_what_to_change_when_nothing_was_removed(run_dir, tmp_path):
+    d, _ = run_dir
+    d2 = tmp_path / "none-removed"
+    shutil.copytree(d, d2, ignore=shutil.ignore_patterns("*.pt", "onnx", "plots", "report.*"))
+    p = json.loads((d2 / "prune.json").read_text())
+    p.update(removed=[], removed_per_stage={}, max_removed_scale=0.0, macs_after=p["macs_before"])
+    (d2 / "prune.json").write_text(json.dumps(p))
+    write_report([d2], latency=False)
+    md = (d2 / "report.md").read_text()
+    assert "largest removed |s|" not in md
+    assert "Nothing was removed (threshold |s| < 0.01). To remove layers, train with a larger L1 weight" in md
+    assert "train.epochs" in md

@@ -80,6 +80,7 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.images = torch.from_numpy(np.ascontiguousarray(ds.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.labels = torch.from_numpy(ds.labels).to(self.device)
+        self.classes = list(ds.classes)
         self.batch_size, self.train, self.augment, self.pad, self.flip = batch_size, train, augment, pad, flip
         self.channels_last = channels_last
         if mean is None or std is None:

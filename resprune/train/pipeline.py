@@ -27,7 +27,7 @@ from ..profile import profile
 from ..prune import prune_
 from ..serialization import load, save
 from ..sparsity import scale_stats
-from .loop import Trainer, evaluate, select_device
+from .loop import Trainer, evaluate, resolve_precision, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _loaders(recipe: Recipe, device: torch.device) -> tuple[DeviceLoader, Device
     if d.train_limit is not None and d.train_limit < len(tr):
         keep = np.sort(np.random.default_rng(0).permutation(len(tr))[: d.train_limit])
         tr = ArrayDataset(tr.images[keep], tr.labels[keep], tr.classes)
-    cl = device.type == "cuda" and t.channels_last
+    cl = resolve_precision(t, device)[1] and recipe.engine == "serial"
     train = DeviceLoader(tr, d.batch_size, train=True, augment=d.augment, pad=d.pad, flip=d.flip,
                          device=device, seed=t.seed, channels_last=cl)
     test = DeviceLoader(te, d.eval_batch_size, device=device, channels_last=cl,
@@ -103,6 +103,23 @@ def _loaders(recipe: Recipe, device: torch.device) -> tuple[DeviceLoader, Device
 
 def _input_size(loader: DeviceLoader) -> tuple[int, ...]:
     return (1, *loader.images.shape[1:])
+
+
+def deploy_info(recipe: Recipe, loader: DeviceLoader) -> dict:
+    """What a runtime needs besides the ONNX file to classify a raw image (the sidecar's
+    ``preprocess``, ``classes`` and ``dataset``): uint8 pixels times ``scale``, minus
+    ``mean``, over ``std``, per channel, in ``layout`` with channels in ``color`` order."""
+    from ..data import resolve_data_dir
+
+    src = resolve_data_dir(recipe.data.data_dir)
+    return {
+        "preprocess": {"scale": 1.0 / 255.0, "mean": loader.mean.flatten().tolist(),
+                       "std": loader.std.flatten().tolist(), "layout": "NCHW",
+                       "color": "RGB" if loader.in_chans == 3 else "L"},
+        "classes": list(loader.classes),
+        "dataset": {"name": recipe.data.dataset, "source": str(src.resolve()) if src else "built-in",
+                    "split": "test", "images": len(loader.labels)},
+    }
 
 
 def _model_stats(model: torch.nn.Module, input_size) -> dict:
@@ -148,15 +165,17 @@ def engine_config(recipe: Recipe, input_size: tuple[int, ...] | None = None):
         raise RecipeError(f"engine_options: {exc}") from exc
 
 
-def make_engine(model: torch.nn.Module, recipe: Recipe, input_size: tuple[int, ...] | None = None):
-    """The layer-parallel engine a recipe asks for (collective: every rank calls it)."""
+def make_engine(model: torch.nn.Module, recipe: Recipe, input_size: tuple[int, ...] | None = None,
+                train_cfg=None):
+    """The layer-parallel engine a recipe asks for (collective: every rank calls it);
+    ``train_cfg`` (default ``recipe.train``) sets the optimiser and the L1 term."""
     import torch.nn.functional as F
 
     from ..parallel import create_engine
-    from ..sparsity import LayerScaleL1
+    from ..sparsity import LayerScaleL1, LayerSmoothness, RegularizerSum
     from .loop import param_groups
 
-    t = recipe.train
+    t = recipe.train if train_cfg is None else train_cfg
 
     def optimizer_factory(named):
         groups = param_groups(model, t.weight_decay, list(named))
@@ -168,7 +187,32 @@ def make_engine(model: torch.nn.Module, recipe: Recipe, input_size: tuple[int, .
     config = engine_config(recipe, input_size)
     # prox mode: the trainer soft-thresholds the owned scales; subgradient: the engine adds it
     reg = LayerScaleL1(t.l1) if (t.l1 > 0 and t.l1_mode == "subgradient") else None
+    smooth = t.smooth
+    if smooth > 0:  # γ·Σ‖θₙ₊₁ − θₙ‖² (the engine exchanges the layers at rank boundaries)
+        reg = LayerSmoothness(smooth) if reg is None else RegularizerSum(reg, LayerSmoothness(smooth))
     return create_engine(recipe.engine, model, loss_fn, optimizer_factory, config, regularizer=reg)
+
+
+def engine_info(recipe: Recipe, engine) -> dict:
+    """What the report says about the engine a stage trained with: name, processes, the
+    engine's settings, and the partition (layer bounds per rank)."""
+    cfg = getattr(engine, "config", None)
+    return {"name": recipe.engine, "nproc": engine.world_size,
+            "options": cfg.to_dict() if hasattr(cfg, "to_dict") else {},
+            "bounds": list(getattr(engine, "bounds", []))}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=None) -> dict:
@@ -184,6 +228,7 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
     hist = trainer.fit(resume=resume)
     if engine is not None:
         trainer.gather_model()  # collective: the full weights on rank 0
+        times = engine.measured_layer_time() if hasattr(engine, "measured_layer_time") else {}
         if engine.rank != 0:
             return {}
     if hist:
@@ -196,6 +241,8 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
         "wall_s": time.perf_counter() - t0, "history": [asdict(h) for h in hist],
         **_model_stats(model, _input_size(train_l)), "device": str(device),
     }
+    if engine is not None:
+        values["engine"] = {**engine_info(recipe, engine), "layer_time_s": times}
     save(model, run / "sparse.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"},
                                           "input_size": list(_input_size(train_l))})
     run.update_metrics("sparse", values)
@@ -224,8 +271,9 @@ def stage_prune(recipe: Recipe, run: RunDir) -> dict:
     return values
 
 
-def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False) -> dict:
-    """Fine-tune ``pruned.pt`` in place (skipped when ``finetune.epochs == 0``)."""
+def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=None) -> dict:
+    """Fine-tune ``pruned.pt`` in place (skipped when ``finetune.epochs == 0``); with
+    ``engine_factory`` collectively, on the pruned model re-partitioned over the ranks."""
     if recipe.finetune.epochs == 0:
         logger.info("[finetune] skipped (finetune.epochs = 0)")
         return {}
@@ -235,13 +283,29 @@ def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False) -> dict:
     train_l, test_l = _loaders(recipe, device)
     model = load(src)
     t0 = time.perf_counter()
+    engine = (engine_factory(model, recipe, _input_size(train_l), train_cfg=recipe.finetune)
+              if engine_factory else None)
+    rebalance = None
+    if engine is not None and hasattr(engine, "repartition"):
+        # the pruned model's stages, balanced by the per-layer times measured in training
+        sparse = run.read_json("metrics.json").get("stages", {}).get("sparse", {}) if _rank() == 0 else {}
+        times = engine.comm.broadcast_object((sparse.get("engine") or {}).get("layer_time_s"), 0)
+        if times:
+            rebalance = {k: v for k, v in engine.repartition(times).items()
+                         if k in ("bounds_before", "bounds_after", "imbalance_before", "imbalance_after")}
     trainer = Trainer(model, train_l, test_l, recipe.finetune, run.path, "finetune",
-                      threshold=recipe.prune.report_threshold)
+                      threshold=recipe.prune.report_threshold, engine=engine)
     hist = trainer.fit(resume=resume)
+    if engine is not None:
+        trainer.gather_model()
+        if engine.rank != 0:
+            return {}
     model = trainer.model.cpu().to(memory_format=torch.contiguous_format)
     values = {"test_acc": hist[-1].test_acc, "test_loss": hist[-1].test_loss,
               "epochs": recipe.finetune.epochs, "wall_s": time.perf_counter() - t0,
               "history": [asdict(h) for h in hist], **_model_stats(model, _input_size(train_l))}
+    if engine is not None:
+        values["engine"] = {**engine_info(recipe, engine), "repartition": rebalance}
     save(model, run / "pruned.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"},
                                           "input_size": list(_input_size(train_l))})
     run.update_metrics("finetuned", values)
@@ -260,7 +324,8 @@ def stage_fuse(recipe: Recipe, run: RunDir) -> dict:
         floss, facc = evaluate(fused, test_l)
         if abs(facc - acc) > 0.05:  # fusion is exact to float rounding: ≤ 1 flipped image in 2000
             raise RuntimeError(f"fused model disagrees with {src}: accuracy {facc:.2f}% vs {acc:.2f}%")
-        save(fused.cpu(), run / dst, extra={"input_size": list(_input_size(train_l))})
+        deploy = {**deploy_info(recipe, test_l), "test_accuracy": facc}
+        save(fused.cpu(), run / dst, extra={"input_size": list(_input_size(train_l)), "deploy": deploy})
         out[key] = {"test_acc": facc, "test_loss": floss, "source_acc": acc,
                     **_model_stats(fused.cpu(), _input_size(train_l))}
         run.update_metrics(key, out[key])
@@ -272,8 +337,16 @@ def run_all(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=No
     from .. import report as report_mod  # late: report imports onnx tooling
 
     stage_train(recipe, run, resume=resume, engine_factory=engine_factory)
-    stage_prune(recipe, run)
-    stage_finetune(recipe, run, resume=resume)
+    if engine_factory is not None:  # layer-parallel: rank 0 prunes, every rank fine-tunes
+        if _rank() == 0:
+            stage_prune(recipe, run)
+        _barrier()
+        stage_finetune(recipe, run, resume=resume, engine_factory=engine_factory)
+        if _rank() != 0:
+            return
+    else:
+        stage_prune(recipe, run)
+        stage_finetune(recipe, run, resume=resume)
     stage_fuse(recipe, run)
     if recipe.export.onnx:
         report_mod.export_run_dir(run.path, opset=recipe.export.opset, atol=recipe.export.atol,
@@ -283,4 +356,5 @@ def run_all(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=No
                 run.path, batches=list(recipe.export.bench_batches), runs=recipe.export.bench_runs,
                 warmup=recipe.export.bench_warmup, threads=recipe.export.bench_threads,
             )
-    report_mod.write_report([run.path], run.path, latency=recipe.export.onnx and recipe.export.bench)
+    report_mod.write_report([run.path], run.path, latency=recipe.export.onnx and recipe.export.bench,
+                            baseline=recipe.report.baseline)
