@@ -234,6 +234,13 @@ def test_config_validation(kw):
         MGRITConfig(**kw)
 
 
+def test_zero_cycles_only_in_simultaneous_mode():
+    assert MGRITConfig(mode="simultaneous", fwd_iters=0, bwd_iters=0).fwd_iters == 0  # the start alone
+    for mode in ("converged", "adaptive"):
+        with pytest.raises(ValueError, match=">= 1"):
+            MGRITConfig(mode=mode, fwd_iters=0)
+
+
 def test_iteration_caps_default_by_mode():
     assert (MGRITConfig().fwd_iters, MGRITConfig().bwd_iters) == (1, 1)  # simultaneous
     c = MGRITConfig(mode="converged")

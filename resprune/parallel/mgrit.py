@@ -88,7 +88,8 @@ class MGRITConfig:
             is above ``tol``, −1 while below ``tol/4``, between ``min_iters`` and the caps
             ``fwd_iters``/``bwd_iters``, starting at the caps).
         fwd_iters: forward MGRIT cycles after the start (a cap in converged and adaptive
-            mode). Default (None): 1 in simultaneous mode, 4 in adaptive mode, 1000 in
+            mode; 0 in simultaneous mode: the nested start alone, what ``1`` meant before
+            cycles were counted after it). Default (None): 1 in simultaneous mode, 4 in adaptive mode, 1000 in
             converged mode, i.e. ``tol`` decides (MGRIT is exact after as many cycles as
             coarse intervals, so the cap never binds in practice).
         bwd_iters: the same for the adjoint.
@@ -149,8 +150,9 @@ class MGRITConfig:
             if getattr(self, k) is None:
                 object.__setattr__(self, k, {"converged": 1000, "adaptive": 4}.get(self.mode, 1))
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k} must be an int >= 1, got {v!r}")
+            low = 0 if self.mode == "simultaneous" else 1  # 0: the nested start alone, no cycle
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{k} must be an int >= {low} in {self.mode} mode, got {v!r}")
         if not (self.tol > 0):
             raise ValueError(f"tol must be > 0, got {self.tol!r}")
         if self.coarse_params not in ("inject", "average"):
