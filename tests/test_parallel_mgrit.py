@@ -228,7 +228,7 @@ def test_load_full_state_dict_from_serial():
 
 # ---- config and launch --------------------------------------------------------------------------
 @pytest.mark.parametrize("kw", [dict(cf=1), dict(levels=1), dict(relax="C"), dict(mode="fast"),
-                                dict(fwd_iters=0), dict(tol=0.0), dict(initial="x"), dict(input_size=(3,))])
+                                dict(fwd_iters=-1), dict(mode="converged", fwd_iters=0), dict(tol=0.0), dict(initial="x"), dict(input_size=(3,))])
 def test_config_validation(kw):
     with pytest.raises(ValueError):
         MGRITConfig(**kw)
