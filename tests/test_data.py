@@ -14,7 +14,8 @@ from PIL import Image
 
 from resprune.data import DatasetNotFound, DeviceLoader, batch_crop_flip, load_arrays
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the real CIFAR-10 archive (ImageFolder .tar.gz), when a machine has one: RESPRUNE_TEST_CIFAR10=PATH
+CIFAR_ARCHIVE = Path(os.environ.get("RESPRUNE_TEST_CIFAR10", "/nonexistent/cifar10-jpeg.tar.gz"))
 
 
 @pytest.fixture(autouse=True)
@@ -238,9 +239,9 @@ def test_loader_batches_and_normalisation():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.gz").is_file(), reason="shared CIFAR-10 archive not present")
+@pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason="set RESPRUNE_TEST_CIFAR10 to a CIFAR-10 ImageFolder archive")
 def test_real_cifar10_archive():
-    tr, te = load_arrays("cifar10", SHARED / "cifar10-jpeg.tar.gz")
+    tr, te = load_arrays("cifar10", CIFAR_ARCHIVE)
     assert tr.images.shape == (50000, 32, 32, 3) and te.images.shape == (10000, 32, 32, 3)
     assert tr.classes[:3] == ["airplane", "automobile", "bird"]
     assert np.bincount(te.labels).tolist() == [1000] * 10
