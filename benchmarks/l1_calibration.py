@@ -38,7 +38,18 @@ def run_one(recipe_name: str, l1: float, args, work: Path) -> dict:
     run.path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sparse = stage_train(recipe, run)
-    pruned = stage_prune(recipe, run)
+    try:
+        pruned = stage_prune(recipe, run)
+    except ValueError as exc:  # the threshold would empty a stage: λ is too strong for this net
+        from resprune.serialization import load
+        from resprune.sparsity import scale_stats
+
+        values = scale_stats(load(run / "sparse.pt"), args.threshold).values
+        return {"l1": l1, "scales": len(values), "zero": sum(v == 0.0 for v in values),
+                "below_threshold": sum(abs(v) < args.threshold for v in values), "removed_units": None,
+                "macs_before": None, "macs_after": None, "macs_removed_pct": None,
+                "sparse_acc": sparse["test_acc"], "pruned_acc": None, "wall_s": time.perf_counter() - t0,
+                "median_abs_scale": sorted(abs(v) for v in values)[len(values) // 2], "refused": str(exc)}
     prune = json.loads((run / "prune.json").read_text())
     values = prune["scales"]["values"]
     return {
@@ -68,6 +79,11 @@ def write(rows: list[dict], args, out: Path, what: str) -> None:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r.get("refused"):
+            lines.append(f"| {r['l1']:g} | {r['zero']}/{r['scales']} | {r['below_threshold']} | refused: the threshold "
+                         f"would empty a stage | – | {r['sparse_acc']:.2f} | – | {r['median_abs_scale']:.3g} | "
+                         f"{r['wall_s']:.0f} |")
+            continue
         lines.append(f"| {r['l1']:g} | {r['zero']}/{r['scales']} | {r['below_threshold']} | {r['removed_units']} | "
                      f"{r['macs_removed_pct']:.1f}% | {r['sparse_acc']:.2f} | {r['pruned_acc']:.2f} | "
                      f"{r['median_abs_scale']:.3g} | {r['wall_s']:.0f} |")
@@ -77,14 +93,16 @@ def write(rows: list[dict], args, out: Path, what: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     floor = min((x["l1"] for x in rows if x["l1"] > 0), default=1e-3) / 3
     xs = [max(r["l1"], floor) for r in rows]  # λ = 0 drawn left of the rest
-    ax.plot(xs, [r["macs_removed_pct"] for r in rows], "o-", label="MACs removed (threshold pruning)")
+    ax.plot(xs, [r["macs_removed_pct"] if r["macs_removed_pct"] is not None else float("nan") for r in rows], "o-",
+            label="MACs removed (threshold pruning)")
     ax.set_xscale("log")
     ax.set_xlabel("λ (train.l1; λ = 0 drawn at the left edge)")
     ax.set_ylabel("MACs removed (%)")
     ax.axhline(50, color="gray", lw=0.8, ls=":")
     ax2 = ax.twinx()
     ax2.plot(xs, [r["sparse_acc"] for r in rows], "s--", color="C1", label="test accuracy, sparse-trained")
-    ax2.plot(xs, [r["pruned_acc"] for r in rows], "^:", color="C2", label="test accuracy, pruned")
+    ax2.plot(xs, [r["pruned_acc"] if r["pruned_acc"] is not None else float("nan") for r in rows], "^:", color="C2",
+             label="test accuracy, pruned")
     ax2.set_ylabel("test accuracy (%)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
@@ -112,14 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = sys.argv[1:] if argv is None else argv
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows = []  # rows of an earlier run with the same --out are kept unless their λ is run again
+    if args.out.with_suffix(".json").is_file():
+        rows = [r for r in json.loads(args.out.with_suffix(".json").read_text())["rows"] if r["l1"] not in args.l1]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for l1 in args.l1:
-            rows.append(run_one(args.recipe, l1, args, work))
-            r = rows[-1]
+            r = run_one(args.recipe, l1, args, work)
+            rows = sorted([*rows, r], key=lambda x: x["l1"])
             print(f"λ={l1:g}: {r['zero']}/{r['scales']} zero, {r['removed_units']} units removed, "
-                  f"{r['macs_removed_pct']:.1f}% MACs, acc {r['sparse_acc']:.2f} → {r['pruned_acc']:.2f}", flush=True)
+                  f"{r['macs_removed_pct']}% MACs, acc {r['sparse_acc']:.2f} → {r['pruned_acc']}", flush=True)
             write(rows, args, args.out, f"data: {load_recipe(args.recipe).data.dataset} from "
                   f"{args.data_dir or 'the recipe/RESPRUNE_DATA'}, fixed random training subset")
     print(f"wrote {args.out.with_suffix('.md')}, .json, .png")
