@@ -20,16 +20,14 @@ The exit code is decided from the checks, then the process leaves with os._exit
 from __future__ import annotations
 
 import copy
-import sys
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import resprune as rp
-from resprune.parallel import MGRITConfig, create_engine, finalize, init_distributed
+from resprune.parallel import MGRITConfig, create_engine, init_distributed
 
 TOL = 1e-5
 
@@ -187,11 +185,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = 1
-    try:
-        code = main()
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    finalize(code)
-    sys.exit(code)  # not reached
+    from helpers import run_rank
+
+    run_rank(main)

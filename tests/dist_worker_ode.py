@@ -5,7 +5,6 @@ Prints one ``RESULT`` line per check on rank 0 and leaves through ``finalize``."
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from ode_checks import run_checks  # noqa: E402
-from resprune.parallel import finalize, init_distributed  # noqa: E402
+from resprune.parallel import init_distributed  # noqa: E402
 from resprune.parallel.comm import DistComm  # noqa: E402
 
 
@@ -33,11 +32,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = 1
-    try:
-        code = main()
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    finalize(code)
-    sys.exit(code)  # not reached
+    from helpers import run_rank
+
+    run_rank(main)

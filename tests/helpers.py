@@ -41,3 +41,20 @@ def count_convs_run(model: nn.Module, x: torch.Tensor) -> int:
     for h in hooks:
         h.remove()
     return n[0]
+
+
+def run_rank(main) -> None:
+    """The ``__main__`` of a torchrun worker: exit code from what ``main`` did (an exception
+    is 1), then ``finalize`` (flush, destroy the process group, ``os._exit``: gloo's exit
+    crash cannot turn a passing rank into a failing one)."""
+    import traceback
+
+    from resprune.parallel import finalize
+
+    code = 1
+    try:
+        code = main()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finalize(code)

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("dist_worker_mgrit.py")
+ODE_WORKER = Path(__file__).with_name("dist_worker_ode.py")
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_mgrit_matches_serial(nproc: int) -> None:
+def torchrun_results(worker: Path, nproc: int, expected: int) -> None:
+    """Run ``worker`` on ``nproc`` gloo ranks; every ``RESULT`` line must PASS, ``expected`` of them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), str(WORKER)]
+           "--nproc_per_node", str(nproc), str(worker)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -32,11 +32,14 @@ def test_mgrit_matches_serial(nproc: int) -> None:
     print("\n".join(results))
     assert results, out[-4000:]
     assert not [line for line in results if "FAIL" in line], "\n".join(results)
-    assert len(results) == 10, out[-4000:]
+    assert len(results) == expected, out[-4000:]
     assert r.returncode == 0, out[-4000:]
 
 
-ODE_WORKER = Path(__file__).with_name("dist_worker_ode.py")
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_mgrit_matches_serial(nproc: int) -> None:
+    torchrun_results(WORKER, nproc, 10)
 
 
 @pytest.mark.dist
@@ -45,16 +48,4 @@ def test_mgrit_ode_options_match_serial(nproc: int) -> None:
     """The ODE-regime options and the re-partition (tests/ode_checks.py), one launch each."""
     from ode_checks import N_CHECKS
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(nproc), str(ODE_WORKER)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun timed out after 240 s:\n{e.stdout}\n{e.stderr}")
-    out = r.stdout + r.stderr
-    results = [line for line in out.splitlines() if line.startswith("RESULT")]
-    print("\n".join(results))
-    assert not [line for line in results if "FAIL" in line], "\n".join(results)
-    assert len(results) == N_CHECKS, out[-4000:]
-    assert r.returncode == 0, out[-4000:]
+    torchrun_results(ODE_WORKER, nproc, N_CHECKS)
