@@ -63,7 +63,8 @@ SETTINGS: dict[str, dict] = {
     "adaptive-0.1": dict(cf=4, levels=2, relax="FCF", mode="adaptive", tol=0.1, fwd_iters=3, bwd_iters=3,
                          warm_start="class_mean", coarse_params="average"),
 }
-TRAIN_ARGS = ("dataset", "data_dir", "layers", "width", "horizon", "gate", "batch", "eval_batch", "epochs",
+TRAIN_ARGS = ("dataset", "data_dir", "layers", "width", "stem_stride", "horizon", "gate", "batch", "eval_batch",
+              "epochs",
               "max_steps", "train_subset", "test_subset", "lr", "wd", "warmup", "smooth", "recal_batches")
 
 
@@ -85,9 +86,13 @@ def _build(a, seed: int):
     norm = dict(mean=tuple(train.mean.flatten().tolist()), std=tuple(train.std.flatten().tolist()))
     test = DeviceLoader(te, a.eval_batch, train=False, **norm)
     torch.manual_seed(seed)
-    model = rp.create_model("resconv_chain", num_classes=train.num_classes, depth=a.layers, width=a.width,
-                            in_chans=tr.images.shape[-1], horizon=a.horizon, gate=a.gate or None)
+    model = _chain(a, train.num_classes, tr.images.shape[-1])
     return train, test, model, (1, tr.images.shape[-1], *tr.images.shape[1:3])
+
+
+def _chain(a, num_classes: int, in_chans: int) -> torch.nn.Module:
+    return rp.create_model("resconv_chain", num_classes=num_classes, depth=a.layers, width=a.width,
+                           in_chans=in_chans, horizon=a.horizon, gate=a.gate or None, stem_stride=a.stem_stride)
 
 
 def _engine(a, model, options: dict | None, input_size):
@@ -148,9 +153,7 @@ def _calibrate(a, model, opts, insz, train) -> dict:
     res = {}
     batches = list(itertools.islice(iter(train), a.calib_steps + 1))
     for k in (1, 2):
-        eng = _engine(a, rp.create_model("resconv_chain", num_classes=train.num_classes, depth=a.layers,
-                                         width=a.width, in_chans=insz[1], horizon=a.horizon,
-                                         gate=a.gate or None),
+        eng = _engine(a, _chain(a, train.num_classes, insz[1]),
                       {**base, "mode": "simultaneous", "fwd_iters": k, "bwd_iters": k}, insz)
         eng.load_full_state_dict(model.state_dict())
         rows = []
@@ -207,7 +210,7 @@ def _train(a, model, opts, insz, train, test) -> dict:
     tail = max(1, len(losses) // 10)
     return {"P": world, "steps": len(losses), "diverged": diverged, "acc_test": acc, "t_train": t_train,
             "step_s": statistics.median(steps_s) if steps_s else None, "hop_s": hop,
-            "loss_tail": float(np.mean(losses[-tail:])) if losses else None,
+            "loss_tail": float(np.mean(losses[-tail:])) if losses else None, "loss_head": losses[:20],
             "fwd_iters": float(np.mean([i[0] for i in iters])) if iters else None,
             "bwd_iters": float(np.mean([i[1] for i in iters])) if iters else None,
             "cold": 1.0 - float(np.mean(warm)) if warm else None,
@@ -268,6 +271,8 @@ def summarize(a, data: dict) -> tuple[list[dict], float]:
     alpha = statistics.median(hops) if hops else 0.0
     serial = {s: data.get(f"serial/{s}") for s in seeds}
     t_ser = statistics.median([r["step_s"] for r in serial.values() if r and r.get("step_s")] or [float("nan")])
+    if "time/serial" in data:  # timed on an idle machine (--time-steps)
+        t_ser = data["time/serial"]["step_s"]
     rows = []
     for name in a.settings.split(","):
         runs = [data.get(f"run/{name}/{s}") for s in seeds]
@@ -279,7 +284,10 @@ def summarize(a, data: dict) -> tuple[list[dict], float]:
         kb = float(np.mean([r["bwd_iters"] for r in runs]))
         cold = float(np.mean([r["cold"] for r in runs]))
         row = {"setting": name, "options": SETTINGS.get(name, {}), "diffs": diffs, "kf": kf, "kb": kb,
-               "cold": cold, "step_p2": statistics.median(r["step_s"] for r in runs), "serial_step": t_ser,
+               "cold": cold, "serial_step": t_ser,
+               "step_p2": (data[f"time/{name}"]["step_s"] if f"time/{name}" in data
+                           else statistics.median(r["step_s"] for r in runs)),
+               "p_check": _p_invariance(data.get(f"time/{name}"), data.get(f"run/{name}/{seeds[0]}")),
                "fwd_defect": float(np.mean([r["fwd_defect"] for r in runs])),
                "bwd_defect": float(np.mean([r["bwd_defect"] for r in runs]))}
         cal = data.get(f"calib/{name}")
@@ -290,6 +298,15 @@ def summarize(a, data: dict) -> tuple[list[dict], float]:
             row["speedup_p8"] = t_ser / row["model_p8"]
         rows.append(row)
     return rows, alpha
+
+
+def _p_invariance(timed: dict | None, run: dict | None) -> float | None:
+    """Largest relative difference of the first losses of a timed run (P = --procs) and the
+    accuracy run of the same seed (P = --acc-procs): one-shot mgrit is P-independent."""
+    if not timed or not run or not timed.get("loss_head") or not run.get("loss_head") or timed["P"] == run["P"]:
+        return None
+    n = min(len(timed["loss_head"]), len(run["loss_head"]))
+    return max(abs(u - v) / max(abs(v), 1e-12) for u, v in zip(timed["loss_head"][:n], run["loss_head"][:n]))
 
 
 def report(a, data: dict, started: str) -> str:
@@ -309,17 +326,22 @@ def report(a, data: dict, started: str) -> str:
            f"{f' capped at {a.max_steps} steps' if a.max_steps else ''}; SGD lr {a.lr:g} Nesterov 0.9, wd {a.wd:g}, "
            f"{a.warmup} warm-up steps then cosine; smoothness γ {a.smooth:g}; seeds {a.seeds}",
            f"- Serial test accuracy per seed: {', '.join(f(v, '.2f') for v in ser)} %; serial s/step "
-           f"{f(rows[0]['serial_step'] if rows else None, '.3f')}; message hop α = {alpha * 1e3:.3f} ms", "",
+           f"{f(rows[0]['serial_step'] if rows else None, '.3f')}; message hop α = {alpha * 1e3:.3f} ms",
+           f"- Chain: width {a.width}, stem stride {a.stem_stride}; accuracy runs at P = {a.acc_procs or a.procs}; "
+           + (f"s/step from {a.time_steps}-step runs (seed 0) at P = {a.procs} and serial on one core, machine "
+              "otherwise idle; 'P check': largest relative difference of their first 20 losses from the "
+              "accuracy run's" if "time/serial" in data else "s/step from the accuracy runs"), "",
            "| setting | test acc − serial per seed (pt) | cycles fwd + bwd (cold starts) | s/step P = 2 measured "
-           "(mgrit / serial) | model s/step P = 2 | model speed-up P = 8 | defect fwd / bwd (last 10 %) | goal |",
-           "|---|---|---|---|---|---:|---|---|"]
+           "(mgrit / serial) | model s/step P = 2 | model speed-up P = 8 | defect fwd / bwd (last 10 %) | P check | goal |",
+           "|---|---|---|---|---|---:|---|---|---|"]
     for r in rows:
         ok = (len(r["diffs"]) == len(seeds) and all(d >= -0.5 for d in r["diffs"])
               and r["step_p2"] < r["serial_step"] and r.get("speedup_p8", 0) >= 3)
         out.append(f"| {r['setting']} | {', '.join(f'{d:+.2f}' for d in r['diffs'])} | {r['kf']:.2f} + {r['kb']:.2f} "
                    f"({100 * r['cold']:.0f} %) | {f(r['step_p2'], '.3f')} / {f(r['serial_step'], '.3f')} | "
                    f"{f(r.get('model_p2'), '.3f')} | {f(r.get('speedup_p8'), '.2f')}× | "
-                   f"{f(r['fwd_defect'], '.3f')} / {f(r['bwd_defect'], '.3f')} | {'met' if ok else 'not met'} |")
+                   f"{f(r['fwd_defect'], '.3f')} / {f(r['bwd_defect'], '.3f')} | {f(r.get('p_check'), '.1e')} | "
+                   f"{'met' if ok else 'not met'} |")
     out += ["", "Settings: " + "; ".join(f"`{r['setting']}` {r['options']}" for r in rows), ""]
     return "\n".join(out)
 
@@ -355,6 +377,7 @@ def main() -> int:
     ap.add_argument("--data-dir", default=os.environ.get("RESPRUNE_DATA", "/root/data"))
     ap.add_argument("--layers", type=int, default=256)
     ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--stem-stride", type=int, default=1, help="2: the chain runs at half resolution")
     ap.add_argument("--horizon", type=float, default=1.0)
     ap.add_argument("--gate", default="tanh", help="tanh, clamp or '' (the plain trainable scale)")
     ap.add_argument("--batch", type=int, default=64)
@@ -370,7 +393,16 @@ def main() -> int:
     ap.add_argument("--recal-batches", type=int, default=50)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--procs", type=int, default=2, help="P of the timed runs (and of the accuracy runs "
+                    "unless --acc-procs)")
+    ap.add_argument("--acc-procs", type=int, default=0,
+                    help="P of the accuracy runs (default --procs); one-shot mgrit computes the same thing at "
+                         "any P, so 1 frees cores, and --time-steps runs check that on the first 20 losses")
+    ap.add_argument("--time-steps", type=int, default=0,
+                    help="also time serial and each setting at P = --procs for this many steps (seed 0) on "
+                         "an otherwise idle machine; the table then uses these timings")
+    ap.add_argument("--phase", default="all", choices=["all", "acc", "time"],
+                    help="acc: accuracy runs and calibration only; time: timed runs only")
     ap.add_argument("--calib-steps", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=6 * 3600)
     ap.add_argument("--json", default=None, help="keep finished runs here (rerun resumes)")
@@ -407,12 +439,18 @@ def main() -> int:
             with open(a.json, "w") as fh:
                 json.dump({"args": vars(a), "data": data, "started": started}, fh)
 
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        keep(f"serial/{seed}", lambda: launch(a, 1, seed, None))
+    if a.phase in ("all", "acc"):
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            keep(f"serial/{seed}", lambda: launch(a, 1, seed, None))
+            for n in names:
+                keep(f"run/{n}/{seed}", lambda: launch(a, a.acc_procs or a.procs, seed, SETTINGS[n]))
         for n in names:
-            keep(f"run/{n}/{seed}", lambda: launch(a, a.procs, seed, SETTINGS[n]))
-    for n in names:
-        keep(f"calib/{n}", lambda: launch(a, 1, 0, SETTINGS[n], calibrate=True))
+            keep(f"calib/{n}", lambda: launch(a, 1, 0, SETTINGS[n], calibrate=True))
+    if a.phase in ("all", "time") and a.time_steps:
+        timed = argparse.Namespace(**{**vars(a), "max_steps": a.time_steps, "recal_batches": 0, "test_subset": 500})
+        keep("time/serial", lambda: launch(timed, 1, 0, None))
+        for n in names:
+            keep(f"time/{n}", lambda: launch(timed, a.procs, 0, SETTINGS[n]))
     rep = report(a, data, started)
     print(rep)
     if a.out:

@@ -110,3 +110,13 @@ def test_convert_reports_what_it_skips(caplog):
     x = torch.randn(1, 3, 12, 12)
     assert rel_err(rp.fuse(m)(x), m(x)) <= 1e-5
     assert not any(isinstance(t, nn.BatchNorm2d) for t in rp.fuse(m).modules())
+
+
+def test_chain_stem_stride_quarters_the_macs_and_fuses():
+    full = rp.create_model("resconv_chain", depth=8, width=4, in_chans=1, gate="tanh")
+    half = rp.create_model("resconv_chain", depth=8, width=4, in_chans=1, gate="tanh", stem_stride=2)
+    size = (1, 1, 28, 28)
+    assert rp.profile(half, size).macs < 0.26 * rp.profile(full, size).macs
+    half = randomize_(half, seed=1).double().eval()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    assert rel_err(rp.fuse(half)(x), half(x)) <= 1e-10
