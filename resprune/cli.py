@@ -136,7 +136,7 @@ def _prepare_run_dir(args: argparse.Namespace, recipe):
     from .serialization import remove_stale_temp
     from .train.pipeline import RunDir
 
-    out = args.out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or _default_out(recipe)
     if not _is_main():  # torchrun ranks > 0 only read; rank 0 owns the directory
         return RunDir(out)
     if out.exists() and not out.is_dir():
@@ -167,6 +167,10 @@ def _prepare_run_dir(args: argparse.Namespace, recipe):
     return run
 
 
+def _default_out(recipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _results_in(out: Path) -> list[Path]:
     """Files of ``out`` other than ``recipe.json`` (a run that failed before writing anything
     else holds no results, and its directory may be used again)."""
@@ -188,9 +192,30 @@ def _maybe_parallel(args: argparse.Namespace, recipe):
 
     engine_config(recipe)  # bad engine names/options fail here, before torchrun or any file
     if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start the processes
-        return launch.relaunch_with_torchrun(recipe.nproc, sys.argv[1:]), None
+        argv = sys.argv[1:]
+        if args.out is None:  # one run directory for all ranks, named in a failure report
+            args.out = _default_out(recipe)
+            argv = [*argv, "--out", str(args.out)]
+        return _launch_result(args, launch.relaunch_with_torchrun(recipe.nproc, argv)), None
     launch.init_distributed()
     return None, make_engine
+
+
+def _launch_result(args: argparse.Namespace, failure) -> int:
+    """The exit code of a multi-process launch. A failure is one line on stderr: the error line
+    a rank recorded, or which rank died or lost its peers and what the run directory holds."""
+    from .parallel.launch import REPORTED
+
+    if failure is None:
+        return 0
+    if failure.exitcode == REPORTED and failure.message:
+        print(failure.message, file=sys.stderr)
+        return REPORTED
+    kept = sorted(f.name for f in (args.out / "checkpoints").glob("*.pt"))
+    where = (f"{args.out} keeps the checkpoint of the last finished epoch ({', '.join(kept)}): run the same "
+             "command with --resume to continue" if kept else f"no checkpoint was written to {args.out} yet")
+    print(f"resprune {args.command}: error: {failure.describe()}; {where}", file=sys.stderr)
+    return REPORTED
 
 
 def cmd_train(args: argparse.Namespace, full: bool = False) -> int:
@@ -299,10 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DatasetNotFound, CheckpointError, TrainingDiverged, OSError, ValueError, KeyError,
             RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"resprune {args.command}: error: {msg}", file=sys.stderr)
-        code = 2
+        line = f"resprune {args.command}: error: {msg}"
+        if "LOCAL_RANK" in os.environ:  # a torchrun rank: the launcher prints one line for all ranks
+            from .parallel.launch import record_error
+
+            code = record_error(line, exc)
+        else:
+            print(line, file=sys.stderr)
+            code = 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if "LOCAL_RANK" not in os.environ:  # torchrun ranks: the launcher says it once
+            print("interrupted", file=sys.stderr)
         code = 130
     if "LOCAL_RANK" in os.environ:  # a torchrun rank: leave through the gloo exit workaround
         from .parallel.launch import finalize

@@ -4,11 +4,15 @@ sub-commands on its run directory, and clear errors with a non-zero exit."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 import resprune as rp
 from resprune.cli import main
@@ -129,6 +133,53 @@ def test_train_layer_parallel_two_processes(tmp_path):
     trl = DeviceLoader(tr, 64, train=True)
     tel = DeviceLoader(te, 512, mean=tuple(trl.mean.flatten().tolist()), std=tuple(trl.std.flatten().tolist()))
     assert evaluate(m.eval(), tel)[1] == pytest.approx(acc, abs=1e-6)
+
+
+def _rank_pids(token: str) -> dict[int, int]:
+    """{rank: pid} of the torchrun ranks started with RESPRUNE_TEST_TOKEN=token in their environment."""
+    pids = {}
+    for d in Path("/proc").iterdir():
+        try:
+            env = dict(e.split(b"=", 1) for e in (d / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError):
+            continue
+        if env.get(b"RESPRUNE_TEST_TOKEN") == token.encode() and b"LOCAL_RANK" in env:
+            pids[int(env[b"RANK"])] = int(d.name)
+    return pids
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the ranks' processes in /proc")
+def test_a_killed_rank_is_one_line_and_the_checkpoint_survives(tmp_path):
+    """SIGKILL of rank 1 during `resprune train --engine mgrit --nproc 2`: a non-zero exit, one
+    line on stderr that names the rank and the signal, no traceback, and the last checkpoint loads."""
+    exe = Path(sys.executable).with_name("resprune")
+    out, token = tmp_path / "killed", uuid.uuid4().hex
+    cmd = [str(exe), "-q", "train", "quickstart", "--engine", "mgrit", "--nproc", "2", "--out", str(out),
+           "--set", "model.name=resconv_chain", "--set", "model.kwargs.depth=8", "--set", "model.kwargs.width=8",
+           "--set", "data.train_limit=256", "--set", "train.epochs=1000", "--set", "engine_options.cf=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESPRUNE_TEST_TOKEN": token}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ckpt = out / "checkpoints" / "sparse.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ckpt.is_file(), proc.communicate(timeout=60)
+        os.kill(_rank_pids(token)[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _rank_pids(token).values():  # no rank outlives a failed test
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("resprune train: error: rank 1 of 2 died (killed by SIGKILL, exit code -9); "), err
+    assert f"{out} keeps the checkpoint of the last finished epoch (sparse.pt)" in err and "--resume" in err, err
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["epoch"] >= 1 and state["optimizer"]["state_by_name"]
+    rp.serialization.model_from_payload(state["model"], ckpt)
 
 
 @pytest.mark.dist

@@ -16,6 +16,7 @@ import pytest
 
 WORKER = Path(__file__).with_name("dist_worker_mgrit.py")
 ODE_WORKER = Path(__file__).with_name("dist_worker_ode.py")
+RESUME_WORKER = Path(__file__).with_name("dist_worker_resume.py")
 
 
 def torchrun_results(worker: Path, nproc: int, expected: int) -> None:
@@ -49,3 +50,9 @@ def test_mgrit_ode_options_match_serial(nproc: int) -> None:
     from ode_checks import N_CHECKS
 
     torchrun_results(ODE_WORKER, nproc, N_CHECKS)
+
+
+@pytest.mark.dist
+def test_mgrit_trainer_resumes_exactly() -> None:
+    """Straight vs checkpoint + resume under the mgrit engine (tests/dist_worker_resume.py)."""
+    torchrun_results(RESUME_WORKER, 2, 4)

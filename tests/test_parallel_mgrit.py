@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import resprune as rp
 from resprune.parallel import MGRITConfig, create_engine, list_engines
 from resprune.parallel.comm import ThreadGroup
-from resprune.parallel.launch import strip_nproc, torchrun_command
+from resprune.parallel.launch import (PEER_LOST, REPORTED, record_error, root_failure, strip_nproc,
+                                      torchrun_command)
 from resprune.parallel.mgrit_solver import MGRITSolver, build_hierarchy
 from resprune.parallel.partition import analyze_layers, balanced_bounds
 
@@ -260,6 +261,35 @@ def test_launch_helpers():
     cmd = torchrun_command(4, ["train", "r", "--nproc", "4"])
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-3:] == ["resprune", "train", "r"]
     assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "4"
+
+
+GLOO_RESET = RuntimeError("[/x/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:27539: Connection reset "
+                          "by peer. This is typically caused by a remote worker hanging. GLHF!")
+
+
+def test_a_failed_launch_is_reported_from_the_rank_that_failed_first(tmp_path, monkeypatch, capsys):
+    """Ranks record their error line (torchelastic's error file); the launcher picks the rank
+    that failed for a reason of its own over ranks that only lost it or were stopped."""
+    from types import SimpleNamespace
+
+    def failure(rank, exitcode, t, exc=None):
+        path = tmp_path / f"error-{rank}.json"
+        if exc is not None:
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+            assert record_error(f"resprune train: error: {exc}", exc) == exitcode
+        return SimpleNamespace(exitcode=exitcode, timestamp=t, error_file=str(path))
+
+    lost = failure(0, PEER_LOST, 5, GLOO_RESET)
+    killed = root_failure({0: lost, 1: failure(1, -9, 5)}, 2)
+    assert killed.rank == 1 and killed.describe() == "rank 1 of 2 died (killed by SIGKILL, exit code -9)"
+    own = failure(1, REPORTED, 6, ValueError("bad checkpoint"))
+    stopped = failure(2, -15, 4)
+    assert root_failure({0: lost, 1: own, 2: stopped}, 3).describe() == "resprune train: error: bad checkpoint"
+    assert root_failure({0: lost}, 2).describe() == ("rank 0 of 2 lost its connection to the other ranks "
+                                                     "(Read error [127.0.0.1]:27539: Connection reset by peer)")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    assert record_error("resprune train: error: x", ValueError("x")) == REPORTED  # no launcher: stderr
+    assert capsys.readouterr().err == "resprune train: error: x\n"
 
 
 # ---- averaged coarse parameters ----------------------------------------------------------------

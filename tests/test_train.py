@@ -1,4 +1,4 @@
-"""The training loop: learns, resumes bit-for-bit, stops on NaN without losing the last
+"""The training loop: learns, resumes bit-for-bit (momentum included), stops on NaN without losing the last
 checkpoint, prox L1 gives exact zeros, weight decay never touches the layer scales."""
 
 import pytest
@@ -48,6 +48,26 @@ def test_learns_and_resumes_exactly(digits, tmp_path):
     assert [h.epoch for h in h2] == [1, 2, 3]
     for (n, a), (_, b) in zip(full.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), n
+    assert_same_momentum(full, again)
+
+
+def assert_same_momentum(a: Trainer, b: Trainer) -> None:
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(a.optimizer.state[p]["momentum_buffer"], b.optimizer.state[q]["momentum_buffer"]), n
+    assert a.optimizer.param_groups[0]["lr"] == b.optimizer.param_groups[0]["lr"]
+
+
+def test_resumes_a_checkpoint_with_the_optimizer_state_in_torch_form(digits, tmp_path):
+    """Serial checkpoints hold torch's own optimizer state_dict (by index) before it was keyed
+    by parameter name; they still resume with their momentum."""
+    t = _trainer(digits, tmp_path, epochs=1)
+    t.fit()
+    state = torch.load(t.ckpt_path, weights_only=True)
+    state["optimizer"] = t.optimizer.state_dict()
+    torch.save(state, t.ckpt_path)
+    again = _trainer(digits, tmp_path, epochs=2)
+    assert again.resume()
+    assert_same_momentum(t, again)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(digits, tmp_path):

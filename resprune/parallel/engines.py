@@ -13,8 +13,13 @@ Every rank calls, collectively:
   original keys, tensors on CPU) on rank 0, ``None`` elsewhere;
 - ``load_full_state_dict(sd)``: every rank loads its part (``sd`` may be ``None`` on ranks
   other than 0: rank 0's copy is then broadcast);
+- ``full_optimizer_state()`` / ``load_full_optimizer_state(saved)``: the same for the
+  optimizer state, keyed by parameter name (:func:`optimizer_state_by_name`), so a checkpoint
+  resumes on any number of ranks; ``loop_state()`` / ``load_loop_state(d)``: the small state an
+  engine carries from step to step (the same on every rank), for checkpoints;
 - ``train()`` / ``eval()``, and the attributes ``optimizer`` (rank-local, for LR schedulers),
-  ``rank``, ``world_size``, ``stats`` (what the last step did).
+  ``rank``, ``world_size``, ``comm`` (:class:`~resprune.parallel.comm.Comm` of the ranks),
+  ``stats`` (what the last step did).
 
 ``create_engine(name, model, loss_fn, optimizer_factory, config=None, regularizer=None)``:
 
@@ -45,9 +50,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .comm import Comm, SingleComm
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "SerialEngine", "create_engine", "list_engines", "register_engine"]
+__all__ = ["Engine", "SerialEngine", "create_engine", "list_engines", "register_engine",
+           "optimizer_state_by_name", "load_optimizer_state_by_name"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
@@ -86,6 +94,40 @@ def create_engine(
     return _ENGINES[name](model, loss_fn, optimizer_factory, config, regularizer=regularizer, **kwargs)
 
 
+def optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]]
+) -> dict:
+    """``optimizer``'s state in a form that does not depend on which process owns which
+    parameter: ``{"state_by_name": {name: {key: value}}, "param_groups": [hyper-parameters]}``
+    (per-parameter state such as momentum buffers keyed by the names in ``named``, tensors on
+    the CPU; each group's settings without its parameters, e.g. the current ``lr``)."""
+    names = {id(p): n for n, p in named}
+    state = {names[id(p)]: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+             for p, s in optimizer.state.items() if id(p) in names}
+    groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
+    return {"state_by_name": state, "param_groups": groups}
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]], saved: dict
+) -> None:
+    """Restore what :func:`optimizer_state_by_name` saved, for the parameters in ``named``
+    (the state of other names belongs to other ranks); group settings by group index."""
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"cannot restore the optimizer: the checkpoint has {len(saved['param_groups'])} "
+                         f"parameter groups, this optimizer {len(optimizer.param_groups)}")
+    for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(hyper)
+    for name, p in named:
+        s = saved["state_by_name"].get(name)
+        if s is None:
+            optimizer.state.pop(p, None)
+            continue
+        optimizer.state[p] = {k: v.to(device=p.device, dtype=p.dtype)
+                              if torch.is_tensor(v) and v.is_floating_point() and k != "step" else v
+                              for k, v in s.items()}
+
+
 class Engine:
     """Base class: the parts of the contract every engine shares."""
 
@@ -101,6 +143,7 @@ class Engine:
         self.model, self.loss_fn, self.regularizer = model, loss_fn, regularizer
         self.optimizer_factory = optimizer_factory
         self.rank, self.world_size = 0, 1
+        self.comm: Comm = SingleComm()
         self.stats: dict[str, Any] = {}
         self.optimizer: torch.optim.Optimizer
 
@@ -170,6 +213,31 @@ class Engine:
 
     def eval(self) -> "Engine":
         return self.train(False)
+
+    def full_optimizer_state(self) -> dict | None:
+        """Collective: every rank's optimizer state, keyed by parameter name
+        (:func:`optimizer_state_by_name`), on rank 0; ``None`` elsewhere."""
+        mine = optimizer_state_by_name(self.optimizer, list(self.local_named_parameters()))
+        parts = self.comm.gather_object(mine)
+        if parts is None:
+            return None
+        merged = {name: s for part in parts for name, s in part["state_by_name"].items()}
+        return {"state_by_name": merged, "param_groups": mine["param_groups"]}
+
+    def load_full_optimizer_state(self, saved: dict | None) -> None:
+        """Collective: every rank takes the state of the parameters it owns from rank 0's
+        ``saved`` (what :meth:`full_optimizer_state` returned, on any number of ranks; other
+        ranks pass ``None``). ``None`` on rank 0 leaves every optimizer as it is."""
+        saved = self.comm.broadcast_object(saved if self.rank == 0 else None, 0)
+        if saved is not None:
+            load_optimizer_state_by_name(self.optimizer, list(self.local_named_parameters()), saved)
+
+    def loop_state(self) -> dict:
+        """State carried from step to step besides weights and optimizer (same on every rank)."""
+        return {}
+
+    def load_loop_state(self, state: dict) -> None:
+        """Restore :meth:`loop_state` (keys it does not know are ignored)."""
 
     @staticmethod
     def _ordered(model: nn.Module, parts: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":

@@ -537,6 +537,15 @@ class MGRITEngine(Engine):
             merged.update(d)
         return self._ordered(self.model, merged)
 
+    def loop_state(self) -> dict:
+        """The cycle counts adaptive mode chose for the next step. Warm-start states
+        (``warm_start``) are not kept: a resumed run starts its first step cold."""
+        return {"iters": list(self._iters)}
+
+    def load_loop_state(self, state: dict) -> None:
+        if "iters" in state:
+            self._iters = [int(i) for i in state["iters"]]
+
     def load_full_state_dict(self, sd: dict[str, torch.Tensor] | None) -> None:
         missing = self.comm.all_reduce_sum([1.0 if sd is None else 0.0])[0]
         if missing:

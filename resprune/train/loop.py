@@ -17,8 +17,11 @@
   Optional ``torch.compile`` (CUDA).
 * The test set is evaluated every ``eval_every`` epochs and after the last.
 * A checkpoint after every epoch, written atomically (temporary file, then rename), that
-  ``resume=True`` continues from; a NaN/inf loss stops the run with an error that names the
-  epoch, step and the last good checkpoint (which is never overwritten by a diverged state).
+  ``resume=True`` continues from: weights, the optimizer state keyed by parameter name (with
+  an engine gathered from every rank, so it resumes on any number of ranks or serially), the
+  scheduler, RNG states and the engine's loop state. A NaN/inf loss stops the run with an
+  error that names the epoch, step and the last good checkpoint (never overwritten by a
+  diverged state).
 * TensorBoard scalars (loss, accuracy, lr, scales under the pruning threshold) and the
   layer-scale histogram; a progress bar on a terminal, one fixed-width row per epoch in logs.
 """
@@ -40,6 +43,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data import DeviceLoader
+from ..parallel.engines import load_optimizer_state_by_name, optimizer_state_by_name
 from ..serialization import CheckpointError, atomic_save, model_from_payload, model_payload
 from ..sparsity import LayerScaleL1, LayerSmoothness, removable_scales, scale_stats
 
@@ -251,16 +255,23 @@ class Trainer:
         return None
 
     def save_checkpoint(self, epoch: int) -> None:
+        """Write ``checkpoints/<stage>.pt`` on rank 0 (collective with an engine): weights, the
+        optimizer state keyed by parameter name (gathered from every rank: it resumes on any
+        number of ranks, or serially), scheduler, epoch, RNG states, history."""
+        if self.ckpt_path is None:
+            return
         owner = self.gather_model()
-        if not self.is_main or self.ckpt_path is None:
+        optimizer = self._optimizer_state()
+        if not self.is_main:
             return
         state = {
             "format": CKPT_FORMAT,
             "stage": self.stage,
             "epoch": epoch,
             "model": model_payload(owner),
-            "optimizer": self.optimizer.state_dict() if self.engine is None else None,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
+            "engine": self.engine.loop_state() if self.engine is not None else {},
             "loader_rng": self.train_loader.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": [asdict(h) for h in self.history],
@@ -268,30 +279,72 @@ class Trainer:
         }
         atomic_save(state, self.ckpt_path)
 
-    def resume(self) -> bool:
-        """Load ``checkpoints/<stage>.pt`` if present; True when something was resumed."""
+    def _optimizer_state(self) -> dict | None:
+        if self.engine is not None:
+            return self.engine.full_optimizer_state()
+        return optimizer_state_by_name(self.optimizer, list(self.model.named_parameters()))
+
+    def _read_checkpoint(self) -> dict | None:
+        """``checkpoints/<stage>.pt`` as saved, ``None`` when there is none."""
         p = self.ckpt_path
         if p is None or not p.is_file():
-            return False
+            return None
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{p}: cannot resume, checkpoint unreadable: {exc}") from exc
         if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or state.get("stage") != self.stage:
             raise CheckpointError(f"{p}: not a '{self.stage}' training checkpoint of resprune")
-        model = model_from_payload(state["model"], p)
+        return state
+
+    def _saved_optimizer(self, state: dict) -> dict | None:
+        """The checkpoint's optimizer state keyed by parameter name; a serial checkpoint of
+        torch's own form (by index) is translated, ``None`` when the checkpoint has none."""
+        saved = state.get("optimizer")
+        if saved is None:
+            self.log(f"[{self.stage}] warning: {self.ckpt_path} holds no optimizer state (an engine run of an "
+                     "older resprune): momentum restarts from zero")
+            return None
+        if "state_by_name" in saved:
+            return saved
+        names = {id(p): n for n, p in self.model.named_parameters()}  # torch's index = position in the groups
+        order = [names[id(p)] for g in param_groups(self.model, 0.0) for p in g["params"]]
+        return {"state_by_name": {order[i]: v for i, v in saved["state"].items()},
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in saved["param_groups"]]}
+
+    def resume(self) -> bool:
+        """Load ``checkpoints/<stage>.pt`` if present; True when something was resumed. With an
+        engine, collective: rank 0 reads the file and hands every rank its part."""
+        state, error = None, None
+        if self.is_main:
+            try:
+                state = self._read_checkpoint()
+            except CheckpointError as exc:
+                error = str(exc)
+        if self.engine is not None:  # every rank learns what rank 0 found (the small entries)
+            small = state and {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            error, small = self.engine.comm.broadcast_object((error, small), 0)
+            state = state if self.is_main else small
+        if error is not None:
+            raise CheckpointError(error)
+        if state is None:
+            return False
+        saved_opt = self._saved_optimizer(state) if self.is_main else None
         if self.engine is None:
-            self.model.load_state_dict(model.state_dict())
-            if state["optimizer"] is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+            self.model.load_state_dict(model_from_payload(state["model"], self.ckpt_path).state_dict())
+            if saved_opt is not None:
+                load_optimizer_state_by_name(self.optimizer, list(self.model.named_parameters()), saved_opt)
         else:
-            self.engine.load_full_state_dict(model.state_dict())
+            sd = model_from_payload(state["model"], self.ckpt_path).state_dict() if self.is_main else None
+            self.engine.load_full_state_dict(sd)
+            self.engine.load_full_optimizer_state(saved_opt)
+            self.engine.load_loop_state(state.get("engine") or {})
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.generator.set_state(state["loader_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.history = [EpochResult(**h) for h in state["history"]]
         self.start_epoch = int(state["epoch"])
-        self.log(f"[{self.stage}] resumed from {p} after epoch {self.start_epoch}")
+        self.log(f"[{self.stage}] resumed from {self.ckpt_path} after epoch {self.start_epoch}")
         return True
 
     # ------------------------------------------------------------------ logging
