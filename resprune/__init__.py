@@ -21,7 +21,7 @@ from .models import (
 )
 from .profile import Profile, profile
 from .prune import PruneConfig, PruneReport, prune_
-from .serialization import CheckpointError, load, save
+from .serialization import CheckpointError, load, load_program, save, save_program
 from .sparsity import LayerScaleL1, LayerSmoothness, RegularizerSum, scale_stats
 from .version import __version__
 
@@ -30,7 +30,7 @@ __all__ = [
     "register_model", "convert_", "conversion_plan", "LayerScaleL1", "LayerSmoothness", "RegularizerSum",
     "scale_stats",
     "PruneConfig", "PruneReport", "prune_", "fuse", "fuse_", "profile", "Profile",
-    "save", "load", "CheckpointError", "export_onnx", "verify_onnx",
+    "save", "load", "save_program", "load_program", "CheckpointError", "export_onnx", "verify_onnx",
 ]
 
 

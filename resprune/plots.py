@@ -10,16 +10,18 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["plot_scales", "plot_before_after", "plot_removed_per_stage", "plot_acc_vs_macs"]
+__all__ = ["plot_scales", "plot_before_after", "before_after_figure", "plot_removed_per_stage", "plot_acc_vs_macs"]
 
 BEFORE, AFTER, REMOVED, KEPT = "#4c72b0", "#dd8452", "#c44e52", "#4c72b0"
 
 
 def _figure(w: float, h: float):
+    """A figure on its own Agg canvas, laid out by matplotlib's constrained layout (titles,
+    suptitle, tick labels and outside legends get room without overlapping)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=110)
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -27,7 +29,6 @@ def _figure(w: float, h: float):
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, format="png")
     return path
 
@@ -83,6 +84,13 @@ def plot_scales(run: dict, path: str | os.PathLike) -> Path:
 
 def plot_before_after(run: dict, path: str | os.PathLike) -> Path:
     """Pruned as % of unpruned (MACs, params, latency per batch) and accuracy before/after."""
+    return _save(before_after_figure(run), path)
+
+
+def before_after_figure(run: dict):
+    """The figure of :func:`plot_before_after`. Labels cannot collide: the cost panel widens
+    with its bars, bar values sit above their bars with head room below the title, the
+    legend is outside the axes, accuracy values sit inside their bars."""
     b, a = run["before"], run["after"]
     labels, ratios = [], []
     for key, label in (("macs", "MACs"), ("params", "params")):
@@ -93,33 +101,37 @@ def plot_before_after(run: dict, path: str | os.PathLike) -> Path:
         if lat.get("ratio") is not None:
             labels.append(f"latency\nbatch {bs}")
             ratios.append(100 * lat["ratio"])
-    fig = _figure(9.5, 4.0)
-    ax1 = fig.add_subplot(1, 2, 1)
+    left = max(4.2, 0.8 * len(labels) + 0.8)
+    fig = _figure(left + 4.3, 4.4)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[left, 4.3])
     bars = ax1.bar(range(len(labels)), ratios, color=AFTER)
-    ax1.axhline(100, color=BEFORE, ls="--", lw=1, label="unpruned = 100%")
+    ax1.axhline(100, color=BEFORE, ls="--", lw=1, label="unpruned model = 100%")
+    top = max([115.0] + [1.15 * r + 5 for r in ratios])
     for rect, v in zip(bars, ratios):
-        ax1.text(rect.get_x() + rect.get_width() / 2, v + 1, f"{v:.0f}%", ha="center", va="bottom", fontsize=8)
+        ax1.text(rect.get_x() + rect.get_width() / 2, v + 0.01 * top, f"{v:.0f}%", ha="center", va="bottom", fontsize=8)
     ax1.set_xticks(range(len(labels)))
     ax1.set_xticklabels(labels, fontsize=8)
-    ax1.set_ylim(0, max([110.0] + [r + 12 for r in ratios]))
+    ax1.set_ylim(0, top)
     ax1.set_ylabel("pruned model, % of unpruned")
-    ax1.set_title("cost after pruning (lower is better)")
-    ax1.legend(fontsize=8, loc="upper right")
-    ax2 = fig.add_subplot(1, 2, 2)
+    ax1.set_title("cost after pruning (lower is better)", fontsize=10)
+    fig.legend(handles=ax1.get_lines(), fontsize=8, loc="outside lower left", frameon=False)
     accs = [b.get("test_acc"), a.get("test_acc")]
     xs = ["before\n(" + b.get("stage", "sparse") + ")", "after\n(" + a.get("stage", "pruned") + ")"]
-    vals = [v if v is not None else 0.0 for v in accs]
-    bars = ax2.bar(xs, vals, color=[BEFORE, AFTER])
-    for rect, v in zip(bars, accs):
-        txt = f"{v:.2f}%" if v is not None else "n/a"
-        ax2.text(rect.get_x() + rect.get_width() / 2, (v or 0) + 0.5, txt, ha="center", va="bottom", fontsize=9)
     known = [v for v in accs if v is not None]
     lo = max(0.0, math.floor(min(known) - 10)) if known else 0.0
-    ax2.set_ylim(lo, min(100.0, (max(known) if known else 100.0) + 5))
+    hi = min(100.0, (max(known) if known else 100.0) + 5)
+    bars = ax2.bar(xs, [v if v is not None else lo for v in accs], color=[BEFORE, AFTER])
+    for rect, v in zip(bars, accs):  # inside the bar, under its top: a bar is >= 10 points tall
+        x = rect.get_x() + rect.get_width() / 2
+        if v is None:
+            ax2.text(x, lo + 0.02 * (hi - lo), "n/a", ha="center", va="bottom", fontsize=9)
+        else:
+            ax2.text(x, v - 0.02 * (hi - lo), f"{v:.2f}%", ha="center", va="top", fontsize=9, color="white")
+    ax2.set_ylim(lo, hi)
     ax2.set_ylabel("test accuracy (%)")
-    ax2.set_title("accuracy (axis starts at %g%%)" % lo)
+    ax2.set_title("accuracy (axis starts at %g%%)" % lo, fontsize=10)
     fig.suptitle(f"{run['name']}: before and after pruning", fontsize=11)
-    return _save(fig, path)
+    return fig
 
 
 def plot_removed_per_stage(run: dict, path: str | os.PathLike) -> Path:
@@ -138,7 +150,7 @@ def plot_removed_per_stage(run: dict, path: str | os.PathLike) -> Path:
     ax.set_ylabel("removal units (count)")
     ax.set_title(f"{run['name']}: layers removed per stage\n"
                  "(unit: one conv with its own shortcut, or a block's whole residual branch)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never on a bar label
     return _save(fig, path)
 
 

@@ -39,6 +39,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from .layers import ConvBN2d, ResConv2d
@@ -47,7 +48,7 @@ from .profile import profile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PruneConfig", "PruneReport", "RemovalUnit", "removal_units", "prune_", "remove_units_"]
+__all__ = ["PruneConfig", "PruneReport", "RemovalUnit", "RemovedLayer", "removal_units", "prune_", "remove_units_"]
 
 RANKS = ("scale", "scale_per_mac")
 
@@ -153,6 +154,16 @@ class PruneReport:
         return d
 
 
+class RemovedLayer(nn.Identity):
+    """What a removed layer leaves where it was an attribute: the identity, as a copy in
+    training with autograd on, so that in-place operations after it in the enclosing forward
+    (torchvision's ``ReLU(inplace=True)``, ``out += identity``) cannot overwrite a tensor
+    autograd still needs. In eval mode (and in export) it returns its input itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone() if self.training and torch.is_grad_enabled() else x
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
     pname, _, child = name.rpartition(".")
     return (model.get_submodule(pname) if pname else model), pname, child
@@ -220,7 +231,9 @@ def remove_units_(model: nn.Module, names: list[str]) -> nn.Module:
                 raise ValueError("cannot remove layers from a model that is itself a Sequential")
         else:
             for child, repl in children.items():
-                setattr(parent, child, repl if repl is not None else nn.Identity())
+                # resprune's own blocks (without_branch) have no in-place ops: no copy needed
+                keep = nn.Identity() if hasattr(parent, "without_branch") else RemovedLayer()
+                setattr(parent, child, repl if repl is not None else keep)
     arch = getattr(model, "resprune_arch", None)
     if arch is not None and names:
         arch["ops"].append(["remove", list(names)])

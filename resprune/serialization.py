@@ -1,11 +1,20 @@
-"""``save`` / ``load``: one file with the architecture and the weights.
+"""``save`` / ``load``: one file with the architecture and the weights; ``save_program`` /
+``load_program``: a ``torch.export`` program that reloads without any Python class.
 
 The architecture is the recipe that rebuilds the module tree: the registry factory and its
 arguments, then the structural operations applied since (``convert``, ``remove`` with the
 removed unit names, ``fuse``). Loading replays them on a fresh model and loads the weights
 strictly, so a pruned or fused model reloads without the code or config that pruned it.
 The file is a plain ``torch.save`` dict of tensors, strings and numbers that loads with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. A model of your own (not from the registry: factory
+``"user"``, recorded from :func:`resprune.convert_` on) reloads the same way onto a fresh
+instance you pass: ``load(path, model=YourNet())``.
+
+A program file (``.pt2``, :func:`torch.export.save`) holds the traced graph and the weights:
+it runs without the model's class, but it is a graph, not the module (no further pruning,
+fusion or ordinary fine-tuning), and torch's loader runs Python text from the file (shape
+guards, symbolic expressions) and may unpickle; :func:`load_program` therefore checks the
+archive against what :func:`save_program` writes first (docs/own-model.md).
 
 Example:
     >>> import os, tempfile, torch, resprune as rp
@@ -21,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import re
@@ -40,6 +50,7 @@ from .version import __version__
 __all__ = [
     "save", "load", "load_payload", "model_payload", "model_from_payload", "atomic_save",
     "build_from_arch", "CheckpointError", "FORMAT", "torch_load_plain", "remove_stale_temp",
+    "save_program", "load_program", "check_program",
 ]
 
 FORMAT = "resprune-model"
@@ -117,13 +128,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def build_from_arch(arch: dict) -> nn.Module:
-    """Rebuild the module tree an architecture record describes (random weights)."""
+def build_from_arch(arch: dict, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the module tree an architecture record describes (random weights): the
+    registry factory's model, or ``model`` (a fresh instance of the user's class, as it was
+    before :func:`resprune.convert_`), then the recorded operations replayed on it."""
     factory = arch.get("factory", "")
-    src, _, name = factory.partition(":")
-    if src != "resprune" or not name:
-        raise CheckpointError(f"unknown architecture factory {factory!r}")
-    model = create_model(name, **arch.get("kwargs", {}))
+    if model is not None:
+        model.resprune_arch = {**copy.deepcopy(arch), "ops": []}  # the replay records the ops again
+    elif factory == "user":
+        raise CheckpointError(
+            f"it holds a model of your own ({arch.get('class', 'class not recorded')}), which resprune does "
+            "not build: pass a fresh instance, resprune.load(path, model=YourNet(...)) (docs/own-model.md)")
+    else:
+        src, _, name = factory.partition(":")
+        if src != "resprune" or not name:
+            raise CheckpointError(f"unknown architecture factory {factory!r}")
+        model = create_model(name, **arch.get("kwargs", {}))
     for op in arch.get("ops", []):
         if op[0] == "convert":
             convert_(model)
@@ -149,8 +169,9 @@ def model_payload(model: nn.Module, extra: dict[str, Any] | None = None) -> dict
     arch = getattr(model, "resprune_arch", None)
     if arch is None:
         raise ValueError(
-            "this model carries no architecture record; build it with resprune.create_model "
-            "(torchvision nets: create_model('tv_resnet18') then convert_) so it can be saved"
+            "this model carries no architecture record: resprune neither built nor converted it. Build it "
+            "with resprune.create_model, or call resprune.convert_ on it before pruning and fusing "
+            "(then resprune.load(path, model=YourNet()) reloads it); save_program needs no record"
         )
     return {
         "format": FORMAT,
@@ -186,24 +207,33 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     return payload
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild and return the model saved at ``path`` (in eval mode if it was fused)."""
-    return model_from_payload(load_payload(path, map_location), path, map_location)
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+         model: nn.Module | None = None) -> nn.Module:
+    """Rebuild and return the model saved at ``path`` (in eval mode if it was fused).
+
+    ``model``: a fresh instance of the saved model's class, needed for a model of your own
+    (factory ``"user"``): the recorded conversion, pruning and fusion are replayed on it and
+    the weights loaded strictly. It is changed in place and returned.
+    """
+    return model_from_payload(load_payload(path, map_location), path, map_location, model)
 
 
-def model_from_payload(payload: dict, path: Any = "<payload>", map_location: Any = "cpu") -> nn.Module:
-    """Rebuild a model from a :func:`model_payload` dict."""
+def model_from_payload(payload: dict, path: Any = "<payload>", map_location: Any = "cpu",
+                       model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model from a :func:`model_payload` dict (onto ``model``, see :func:`load`)."""
     arch, sd = payload.get("arch"), payload.get("state_dict")
     if not isinstance(arch, dict) or not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor)
                                                                         for v in sd.values()):
         raise CheckpointError(f"{path}: the checkpoint lacks its architecture record or weights")
+    given = model is not None
     try:
-        model = build_from_arch(arch)
+        model = build_from_arch(arch, model)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     except Exception as exc:  # a tampered or foreign record: bad kwargs, unknown names, bad ops
-        raise CheckpointError(f"{path}: the architecture record does not describe a model resprune can "
-                              f"build ({type(exc).__name__}: {exc})") from exc
+        what = ("the recorded operations do not apply to the model passed (another class, or not a fresh "
+                "instance?)" if given else "the architecture record does not describe a model resprune can build")
+        raise CheckpointError(f"{path}: {what} ({type(exc).__name__}: {exc})") from exc
     floats = [v.dtype for v in sd.values() if v.is_floating_point()]
     if floats:
         model.to(floats[0])
@@ -219,3 +249,102 @@ def model_from_payload(payload: dict, path: Any = "<payload>", map_location: Any
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the recorded architecture: {exc}") from exc
     return model.to(map_location)
+
+
+# ----------------------------------------------------------------------------- programs
+PROGRAM_MAX_BATCH = 1 << 16
+
+# what save_program writes (torch's .pt2 archive: JSON graph and configs, raw weight bytes)
+_PROGRAM_FILE = re.compile(r"[^/]+/(?:\.data/(?:version|serialization_id)|archive_format|archive_version|byteorder"
+                           r"|models/\w+\.json|data/(?:weights|constants)/(?:weight_\d+|tensor_\d+|\w+_config\.json))")
+_PROGRAM_INPUTS = re.compile(r"[^/]+/data/sample_inputs/\w+\.pt")  # allowed empty: example input not stored
+_PROGRAM_OP = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")
+_PROGRAM_EXPR = re.compile(r"Symbol\('s\d+', positive=True, integer=True\)|(?!.*\*\*)[s\d+*() -]{1,64}")
+
+
+def save_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (1, 3, 32, 32),
+                 dynamic_batch: bool = True) -> None:
+    """Trace the eval-mode ``model`` with :func:`torch.export.export` and write the program
+    to ``path`` (a ``.pt2`` archive, atomically), to be run by :func:`load_program` without
+    the model's class. ``dynamic_batch``: the program takes any batch size from 1 to
+    65,536 (else only ``input_size[0]``). The example input is not stored, so nothing in the
+    file is pickled. The model's train/eval mode is restored."""
+    p = next(model.parameters(), None)
+    like = p if p is not None and p.is_floating_point() else torch.zeros(())
+    shape = (max(2, input_size[0]), *input_size[1:]) if dynamic_batch else tuple(input_size)  # 1 would specialise
+    x = torch.randn(*shape, device=like.device, dtype=like.dtype)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=PROGRAM_MAX_BATCH)},) if dynamic_batch else None
+    was = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, (x,), dynamic_shapes=dyn)
+    finally:
+        model.train(was)
+    ep.example_inputs = None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.export.save(ep, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_program(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless the ``.pt2`` file at ``path`` holds only what
+    :func:`save_program` writes: no pickled tensors or objects, no compiled code, no shape
+    guards (Python source that torch runs), symbolic shapes only as plain batch symbols,
+    graph nodes only ATen operators. torch's loader trusts its file (it may unpickle, and it
+    evaluates expressions and guards from it); this whitelist keeps it to files of the kind
+    save_program writes (docs/own-model.md)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            odd = [i.filename for i in z.infolist() if not _PROGRAM_FILE.fullmatch(i.filename)
+                   and not (_PROGRAM_INPUTS.fullmatch(i.filename) and i.file_size == 0)]
+            if odd or not any(n.endswith("/archive_format") for n in names):
+                raise CheckpointError(f"{path}: not a program file written by resprune.save_program "
+                                      f"({'unexpected member ' + repr(odd[0]) if odd else 'no pt2 archive marker'})")
+            for n in names:
+                if n.endswith(".json"):
+                    _check_program_json(path, json.loads(z.read(n)))
+    except (OSError, zipfile.BadZipFile, ValueError, RecursionError) as exc:  # ValueError: bad JSON
+        raise CheckpointError(f"{path}: not a readable program file: {exc}") from exc
+
+
+def _check_program_json(path: Any, o: Any) -> None:
+    if isinstance(o, list):
+        for v in o:
+            _check_program_json(path, v)
+        return
+    if not isinstance(o, dict):
+        return
+    why = None
+    if o.get("use_pickle"):
+        why = "a pickled tensor"
+    elif o.get("guards_code"):
+        why = "shape guards (Python source)"
+    elif {"target", "inputs", "outputs"} <= o.keys() and not _PROGRAM_OP.fullmatch(str(o["target"])):
+        why = f"a call of {str(o['target'])[:80]!r} (only ATen operators are allowed)"
+    elif "expr_str" in o and not _PROGRAM_EXPR.fullmatch(str(o["expr_str"])):
+        why = f"the symbolic expression {str(o['expr_str'])[:80]!r}"
+    if why:
+        raise CheckpointError(f"{path}: refused: the program holds {why}, which resprune.save_program never writes")
+    for v in o.values():
+        _check_program_json(path, v)
+
+
+def load_program(path: str | os.PathLike) -> nn.Module:
+    """The program at ``path`` (from :func:`save_program`) as a callable module, after
+    :func:`check_program`. It computes what the saved model computed in eval mode; it is a
+    ``torch.fx.GraphModule``, not the saved class: it cannot be pruned or fused further and
+    its batch norms (if any) stay in eval mode."""
+    check_program(path)
+    try:
+        with open(path, "rb") as f:
+            ep = torch.export.load(f)
+    except Exception as exc:  # torch version mismatch, truncated file ...
+        raise CheckpointError(f"{path}: torch.export could not load the program ({type(exc).__name__}: {exc})") from exc
+    return ep.module()

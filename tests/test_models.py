@@ -9,6 +9,7 @@ from torch import nn
 
 import resprune as rp
 from helpers import randomize_, rel_err
+from resprune.models.convert import RESIDUAL_END
 
 CIFAR = [n for n in rp.list_models() if not n.startswith("tv_")]
 SMALL = [n for n in CIFAR if n not in ("resnet1202", "resnet110", "plainres110")]
@@ -67,7 +68,8 @@ def test_convert_torchvision(factory, caplog):
     plan = rp.conversion_plan(m)
     rp.convert_(m)
     n_rc = sum(isinstance(t, rp.ResConv2d) for t in m.modules())
-    assert n_rc == len(plan.pairs) == n_conv  # every conv in these nets is followed by a BN
+    assert n_rc == len(plan.pairs) and n_rc + len(plan.skipped) == n_conv  # every conv is followed by a BN
+    assert all(why == RESIDUAL_END for why in plan.skipped.values())  # ResNet: branch ends, projections
     randomize_(m, seed=2).eval()
     x = torch.randn(2, 3, 64, 64)
     y = m(x)

@@ -103,8 +103,6 @@ def test_fused_cifar_resnet_graph_ops(r20):
 def test_converted_torchvision_resnet18(tmp_path):
     """Converted (ResConv), unfused, in train mode: exported from a fused eval copy."""
     m = randomize_(rp.convert_(rp.create_model("tv_resnet18")), seed=5).train()
-    with torch.no_grad():  # random BN statistics compound over 20 convs into logits of ~100, where
-        m.fc.weight.mul_(0.1)  # fp32 rounding alone reaches 1e-4; trained nets' logits are O(10)
     n_resconv = sum(isinstance(x, rp.ResConv2d) for x in m.modules())
     info = export_onnx(m, tmp_path / "tv.onnx", (1, 3, 32, 32))
     assert m.training and sum(isinstance(x, rp.ResConv2d) for x in m.modules()) == n_resconv  # untouched

@@ -7,15 +7,28 @@ conv and BN weights, and the BN module by ``nn.Identity``. The ResConv is built 
 ReLU is neither duplicated nor lost, and at ``s = 0`` the layer computes ``P(x)`` exactly.
 
 Conversion adds a shortcut, so it changes what the network computes: it is meant to be
-followed by (sparse) training. Convs that cannot be converted are logged at WARNING level
-and returned by :func:`conversion_plan` with the reason.
+followed by (sparse) training. A conv whose BN output is added to another tensor (the last
+conv of a residual branch, a projection shortcut) is not converted: a shortcut of its own
+would add the block input a second time (``2x`` where the block computed ``x``, activations
+growing ~2× per block; a torchvision ResNet-18 converted that way diverged at once in
+training), so a residual net's removable layers are the first convs of its blocks. Other
+convs that cannot be converted are logged at WARNING level; :func:`conversion_plan` returns
+all of them with the reason. ResConv2d layers already there are left alone, so converting
+twice changes nothing.
+
+A model that does not come from :func:`resprune.create_model` gets an architecture record
+here (``model.resprune_arch``, factory ``"user"``): from then on pruning and fusion are
+recorded too, so :func:`resprune.save` can write it and ``resprune.load(path,
+model=YourNet())`` replays them on a fresh instance (docs/own-model.md).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -32,6 +45,11 @@ class ConversionPlan:
 
     pairs: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+RESIDUAL_END = ("its BatchNorm output is added to another tensor (a residual branch's last conv or a "
+                "projection shortcut): a shortcut of its own would add the block input twice (docs/own-model.md); "
+                "left as conv+BN, folded by fuse")
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -63,14 +81,40 @@ def _conv_ineligible(conv: nn.Conv2d) -> str | None:
     return None
 
 
+class _Tracer(fx.Tracer):
+    """A tracer that does not look inside ResConv2d layers (already converted)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ResConv2d) or super().is_leaf_module(m, module_qualified_name)
+
+
 def find_conv_bn_pairs(model: nn.Module) -> ConversionPlan:
     """Trace ``model`` with torch.fx and list conv→BN pairs (eligibility not checked)."""
+    return _trace_pairs(model)[0]
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _feeds_add(node: fx.Node) -> bool:
+    """Whether ``node`` is added to another tensor (a residual sum) by one of its users."""
+    for u in node.users:
+        is_add = (u.op == "call_function" and u.target in _ADDS) or (u.op == "call_method" and u.target in ("add", "add_"))
+        if is_add and sum(isinstance(a, fx.Node) for a in u.args[:2]) == 2:
+            return True
+    return False
+
+
+def _trace_pairs(model: nn.Module) -> tuple[ConversionPlan, set[str]]:
+    """The conv→BN pairs, and the convs among them whose BN output is added to another
+    tensor (the last conv of a residual branch, or a projection shortcut)."""
     plan = ConversionPlan()
-    graph = fx.Tracer().trace(model)
+    graph = _Tracer().trace(model)
     uses: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             uses[node.target] = uses.get(node.target, 0) + 1
+    residual: set[str] = set()
     for node in graph.nodes:
         if node.op != "call_module" or type(_get(model, node.target)) is not nn.Conv2d:
             continue
@@ -87,13 +131,15 @@ def find_conv_bn_pairs(model: nn.Module) -> ConversionPlan:
             plan.skipped[node.target] = "conv or BN module is called more than once"
             continue
         plan.pairs[node.target] = bn_node.target
-    return plan
+        if _feeds_add(bn_node):
+            residual.add(node.target)
+    return plan, residual
 
 
 def conversion_plan(model: nn.Module) -> ConversionPlan:
     """What :func:`convert_` would do to ``model``, without changing it."""
     try:
-        plan = find_conv_bn_pairs(model)
+        plan, residual = _trace_pairs(model)
     except Exception as exc:  # fx cannot trace data-dependent control flow
         raise RuntimeError(
             f"convert_: torch.fx could not trace {type(model).__name__} ({exc}); "
@@ -102,7 +148,7 @@ def conversion_plan(model: nn.Module) -> ConversionPlan:
     for conv_name in list(plan.pairs):
         conv = _get(model, conv_name)
         bn = _get(model, plan.pairs[conv_name])
-        why = _conv_ineligible(conv)
+        why = RESIDUAL_END if conv_name in residual else _conv_ineligible(conv)
         if why is None and (not bn.affine or not bn.track_running_stats):
             why = "BatchNorm2d without affine parameters or running statistics"
         if why is not None:
@@ -114,14 +160,15 @@ def conversion_plan(model: nn.Module) -> ConversionPlan:
 def convert_(model: nn.Module) -> nn.Module:
     """Convert every eligible Conv2d → BatchNorm2d pair of ``model`` into a ResConv2d, in place.
 
-    Returns the model. Skipped convs are logged with their reason; use
+    Returns the model. Skipped convs are logged with their reason (those that end a
+    residual branch, left out by design, only counted); use
     :func:`conversion_plan` to get them as data.
 
     Example:
         >>> import torchvision, resprune as rp
         >>> m = rp.convert_(torchvision.models.resnet18(num_classes=10))
-        >>> sum(isinstance(x, rp.ResConv2d) for x in m.modules())
-        20
+        >>> sum(isinstance(x, rp.ResConv2d) for x in m.modules())  # stem + every block's first conv
+        9
     """
     plan = conversion_plan(model)
     for conv_name, bn_name in plan.pairs.items():
@@ -136,10 +183,18 @@ def convert_(model: nn.Module) -> nn.Module:
         rc.bn.eps, rc.bn.momentum = bn.eps, bn.momentum
         set_submodule(model, conv_name, rc)
         set_submodule(model, bn_name, nn.Identity())
+    residual = [n for n, why in plan.skipped.items() if why == RESIDUAL_END]
     for name, why in plan.skipped.items():
-        logger.warning("convert_: left %s as it is: %s", name, why)
-    logger.info("convert_: %d convs → ResConv2d, %d skipped", len(plan.pairs), len(plan.skipped))
+        if why != RESIDUAL_END:
+            logger.warning("convert_: left %s as it is: %s", name, why)
+    if residual:
+        logger.debug("convert_: left as conv+BN (residual branch ends, projection shortcuts): %s", ", ".join(residual))
+    logger.info("convert_: %d convs → ResConv2d, %d skipped%s", len(plan.pairs), len(plan.skipped),
+                f" ({len(residual)} by design: they end a residual branch)" if residual else "")
     arch = getattr(model, "resprune_arch", None)
-    if arch is not None:
-        arch["ops"].append(["convert"])
+    if arch is None:  # a model of the user's own: record from here on (see the module docstring)
+        cls = type(model)
+        arch = model.resprune_arch = {"factory": "user", "class": f"{cls.__module__}.{cls.__qualname__}",
+                                      "kwargs": {}, "ops": []}
+    arch["ops"].append(["convert"])
     return model

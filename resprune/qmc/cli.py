@@ -72,6 +72,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     st.add_argument("--threads", type=int, default=1, help="torch threads")
     st.add_argument("--out", default="runs/qmc", help="output directory")
     st.add_argument("--name", default="qmc_study", help="file name stem of the outputs")
+    st.add_argument("--force", action="store_true", help="overwrite OUT/NAME.{md,png,json} if they exist")
     st.add_argument("--quiet", action="store_true", help="no per-member progress lines")
     st.set_defaults(func=cmd_study)
     return qmc
@@ -105,6 +106,12 @@ def cmd_study(args: argparse.Namespace) -> int:
                           problem_options=opts, seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    existing = [p for p in (os.path.join(args.out, f"{args.name}.{x}") for x in ("md", "png", "json"))
+                if os.path.exists(p)]
+    if existing and not args.force:  # checked before the study runs, so no time is lost on it
+        print(f"error: {existing[0]} exists: pass --force to overwrite, or choose another --out or --name "
+              "(nothing was overwritten)", file=sys.stderr)
         return 2
     result = run_study(cfg)
     paths = write_report(result, args.out, args.name)

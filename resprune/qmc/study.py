@@ -271,35 +271,46 @@ def error_table(result: StudyResult, metric: str = "nrmse") -> str:
 
 
 def plot(result: StudyResult, path: str | Path, metric: str = "nrmse") -> Path:
-    """Log-log error vs ``N``, one panel per problem (tanh solid, others dashed)."""
-    import matplotlib
+    """Log-log error vs ``N``, one panel per problem (tanh solid, others dashed); PNG at ``path``."""
+    fig = figure(result, metric)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def figure(result: StudyResult, metric: str = "nrmse"):
+    """The figure of :func:`plot` (matplotlib ``Figure`` on an Agg canvas, no pyplot state).
+    Each panel's legend sits under it, outside the axes, so it hides no curve, and
+    constrained layout keeps titles, tick labels and legends apart."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     probs = result.config.problems
-    fig, axes = plt.subplots(1, len(probs), figsize=(3.4 * len(probs), 3.2), squeeze=False)
+    rates = result.rates(metric)
+    n_leg = max(sum(r["problem"] == p for r in rates) for p in probs)
+    fig = Figure(figsize=(3.4 * len(probs), 2.9 + 0.12 * n_leg), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, len(probs), height_ratios=[2.6, 0.3 + 0.12 * n_leg])
     colors = {k: f"C{i}" for i, k in enumerate(result.config.point_sets)}
-    for ax, p in zip(axes[0], probs):
-        for r in result.rates(metric):
+    for i, p in enumerate(probs):
+        ax, below = fig.add_subplot(grid[0, i]), fig.add_subplot(grid[1, i])
+        for r in rates:
             if r["problem"] != p:
                 continue
             style = "-" if r["activation"] == result.config.activations[0] else "--"
-            ns = np.array(r["n"])
-            ax.loglog(ns, r["error"], style, marker="o", ms=3, color=colors[r["point_set"]],
+            ax.loglog(np.array(r["n"]), r["error"], style, marker="o", ms=3, color=colors[r["point_set"]],
                       label=f"{LABELS.get(r['point_set'], r['point_set'])} {r['activation']} ({r['rate']:.2f})")
         ax.set_title(p, fontsize=9)
         ax.set_xlabel("N training points", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("test RMSE / std(G)" if metric == "nrmse" else "relative L2 error", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+        if i == 0:
+            ax.set_ylabel("test RMSE / std(G)" if metric == "nrmse" else "relative L2 error", fontsize=8)
+        below.axis("off")  # the legend's own row: aligned panels, no curve hidden
+        below.legend(*ax.get_legend_handles_labels(), fontsize=6, loc="upper center", title="points, act. (rate)",
+                     title_fontsize=6)
+    return fig
 
 
 def _json_default(o: Any) -> Any:
