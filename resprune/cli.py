@@ -26,6 +26,7 @@ EPILOG = """examples:
   resprune prune runs/m --set prune.target_macs=0.35
   resprune fuse runs/m && resprune export runs/m && resprune bench runs/m && resprune report runs/m
   resprune train quickstart --engine mgrit --nproc 2          # layer-parallel (torchrun)
+  resprune train quickstart --engine pipeline --nproc 2       # exact pipeline parallelism
 """
 
 
@@ -37,7 +38,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data folder (default $RESPRUNE_DATA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: recipe's, 'auto')")
     p.add_argument("--resume", action="store_true", help="continue a run directory from its checkpoints")
-    p.add_argument("--engine", default=None, help="training engine: serial (default) or mgrit")
+    p.add_argument("--engine", default=None,
+                   help="training engine: serial (default) or a layer-parallel one: mgrit (multigrid across "
+                        "layers), pipeline (exact GPipe/1F1B), local (local losses per chunk); docs/parallel.md")
     p.add_argument("--nproc", type=int, default=None, help="processes for a layer-parallel engine (torchrun)")
 
 
@@ -105,9 +108,11 @@ def _resolve_recipe(args: argparse.Namespace):
     recipe = load_recipe(args.recipe, overrides)
     if recipe.nproc > 1 and recipe.engine == "serial":
         from .config import RecipeError
+        from .parallel.engines import list_engines
 
+        others = ", ".join(e for e in list_engines() if e != "serial")
         raise RecipeError(f"nproc={recipe.nproc} needs a layer-parallel engine (--engine mgrit); "
-                          "the serial engine trains in one process")
+                          f"the serial engine trains in one process (layer-parallel engines: {others})")
     _check_model_kwargs(recipe)
     return recipe
 

@@ -160,7 +160,7 @@ class ExportConfig:
     bench_batches: tuple = (1, 64)
     bench_runs: int = 30
     bench_warmup: int = 5
-    bench_threads: int | None = None
+    bench_threads: int | None = None  # None or 0: the physical cores (ort_bench sets and records it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bench_batches", tuple(self.bench_batches))
@@ -196,7 +196,7 @@ class Recipe:
     report: ReportConfig = field(default_factory=ReportConfig)
     engine: str = "serial"
     nproc: int = 1
-    engine_options: dict = field(default_factory=dict)  # e.g. MGRITConfig fields for engine="mgrit"
+    engine_options: dict = field(default_factory=dict)  # fields of the engine's config (e.g. MGRITConfig)
     version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict:
@@ -236,14 +236,26 @@ def recipe_from_dict(d: dict) -> Recipe:
             kw[k] = _build(SECTIONS[k], v, k)
         else:
             kw[k] = v
-    if kw.get("engine", "serial") not in ("serial", "mgrit"):
-        raise RecipeError(f"engine={kw['engine']!r} is unknown; available: serial, mgrit")
     nproc = kw.get("nproc", 1)
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise RecipeError(f"nproc must be an int >= 1, got {nproc!r}")
-    if not isinstance(kw.get("engine_options", {}), dict):
-        raise RecipeError("engine_options must be a table (dict)")
+    _check_engine(kw.get("engine", "serial"), kw.get("engine_options", {}))
     return Recipe(**kw)
+
+
+def _check_engine(name: Any, options: Any) -> None:
+    """The engine must be registered (``resprune.parallel.list_engines``) and its options
+    valid for its config class, so that a bad recipe fails before any process starts."""
+    from .parallel.engines import engine_config, list_engines
+
+    if not isinstance(options, dict):
+        raise RecipeError("engine_options must be a table (dict)")
+    if name not in list_engines():
+        raise RecipeError(f"engine={name!r} is unknown; available: {', '.join(list_engines())}")
+    try:
+        engine_config(name, options)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def _parse_value(raw: str) -> Any:

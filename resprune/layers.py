@@ -251,6 +251,29 @@ class ResConv2d(ConvBN2d):
             y = y + option_a(x, self.conv.out_channels, self.conv.stride[0])
         return F.relu(y) if self.act else y
 
+    def residual_form(self):
+        """Layer-parallel protocol (``resprune.parallel.residual``): ``(branch, act)`` when
+        the layer is the residual step ``act(x + branch(x))`` (identity shortcut), else None."""
+        return (self.branch, self.act) if self.shortcut and self.identity_shortcut else None
+
+    def average_residual(self, layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+        """One step for the run ``layers`` (this layer first) from their averaged parameters:
+        ``act(x + Σᵢ sᵢ·BNᵢ(W̄∗x))`` with ``W̄`` the mean kernel, batch statistics of ``W̄∗x``
+        and the summed affine ``Σ sᵢγᵢ, Σ sᵢβᵢ``; equal to the sum of the increments when the
+        kernels agree. None unless every layer is an identity-shortcut ResConv2d like this
+        one (MGRIT's ``coarse_params="average"``)."""
+        if not all(isinstance(m, ResConv2d) and m.residual_form() is not None and m.bn.affine
+                   and m.conv.weight.shape == self.conv.weight.shape and m.act == self.act
+                   and m.conv.bias is None for m in layers):
+            return None
+        w = torch.stack([m.conv.weight for m in layers]).mean(0)
+        gamma = sum(m.effective_scale * m.bn.weight for m in layers)
+        beta = sum(m.effective_scale * m.bn.bias for m in layers)
+        c = self.conv
+        z = F.conv2d(x, w, None, c.stride, c.padding, c.dilation, c.groups)
+        y = x + F.batch_norm(z, None, None, gamma, beta, True, 0.0, self.bn.eps)
+        return F.relu(y) if self.act else y
+
     def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable (kernel, bias) of one conv equal to the eval-mode block before act."""
         w, b = super().equivalent_kernel_bias()

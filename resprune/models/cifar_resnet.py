@@ -54,6 +54,13 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
+    def residual_form(self):
+        """Layer-parallel protocol (``resprune.parallel.residual``): ``y = ReLU(x + r(x))`` with
+        ``r = conv2∘conv1`` when the shortcut is the identity, else None (a generic step)."""
+        if not isinstance(self.shortcut, nn.Identity):
+            return None
+        return (lambda x: self.conv2(self.conv1(x))), True
+
     def without_branch(self) -> nn.Module | None:
         """What the block computes once its branch is gone: ``S`` (None when identity)."""
         return None if isinstance(self.shortcut, nn.Identity) else self.shortcut

@@ -1,4 +1,4 @@
-"""The few communication primitives the MGRIT solver needs, on two back ends.
+"""The few communication primitives the layer-parallel engines need, on two back ends.
 
 :class:`DistComm` uses ``torch.distributed`` (gloo on CPU, NCCL on GPU); :class:`ThreadComm`
 runs ``P`` simulated ranks as threads of one process (queues and a barrier), so the
@@ -6,6 +6,8 @@ distributed algorithm is unit-tested without ``torchrun``.
 
 Point-to-point messages between a pair of ranks are matched in the order they are sent
 (both back ends); every rank runs the same sequence of phases, so orders always agree.
+Every back end counts what it sent (``sent_bytes``) and the seconds it spent blocked
+(``wait_s``); engines reset both per step and report them in ``engine.stats``.
 """
 
 from __future__ import annotations
@@ -17,21 +19,36 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "DistComm", "ThreadComm", "ThreadGroup", "ReversedComm", "SingleComm"]
+__all__ = ["Comm", "DistComm", "ThreadComm", "ThreadGroup", "ReversedComm", "SingleComm", "SendHandle"]
 
 
 class Comm:
-    """Interface: ``rank``, ``world_size``, ``isend``, ``recv``, ``wait``, ``all_reduce_sum``."""
+    """Interface: ``rank``, ``world_size``, ``isend``, ``send_nowait``, ``recv``, ``wait``,
+    ``all_reduce_sum``, ``broadcast``, ``gather_object``, ``broadcast_object``."""
 
     rank: int = 0
-    #: seconds spent blocked in communication since the owner last reset it (DistComm)
+    #: seconds spent blocked in communication since the owner last reset it
     wait_s: float = 0.0
+    #: bytes of tensors sent point to point since the owner last reset it
+    sent_bytes: int = 0
     world_size: int = 1
+
+    def reset_counters(self) -> None:
+        """Zero ``wait_s`` and ``sent_bytes`` (engines call it at the start of a step)."""
+        self.wait_s, self.sent_bytes = 0.0, 0
 
     def isend(self, t: torch.Tensor, dst: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def send_nowait(self, t: torch.Tensor, dst: int, tag: int = 0) -> "SendHandle":  # pragma: no cover
+        """Start sending ``t`` and return a handle whose ``wait()`` completes this send only
+        (bounded queues of outstanding sends); :meth:`wait` does not wait for it. Messages
+        are matched per (source, ``tag``): streams of different tags between the same pair
+        of ranks may be received in any interleaving."""
+        raise NotImplementedError
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor,
+             tag: int = 0) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
     def wait(self) -> None:
@@ -50,6 +67,25 @@ class Comm:
 
     def broadcast_object(self, obj: object, src: int = 0) -> object:  # pragma: no cover
         raise NotImplementedError
+
+
+class SendHandle:
+    """A started send: ``wait()`` blocks until it completed (a no-op when it already did)."""
+
+    def __init__(self, work=None, tensor: torch.Tensor | None = None, comm: "Comm | None" = None) -> None:
+        self.work, self.tensor, self.comm = work, tensor, comm  # the tensor stays alive until sent
+
+    def wait(self) -> None:
+        if self.work is not None:
+            t0 = time.perf_counter()
+            self.work.wait()
+            if self.comm is not None:
+                self.comm.wait_s += time.perf_counter() - t0
+            self.work = self.tensor = None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class SingleComm(Comm):
@@ -82,8 +118,11 @@ class ReversedComm(Comm):
     def isend(self, t: torch.Tensor, dst: int) -> None:
         self.base.isend(t, self._r(dst))
 
-    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
-        return self.base.recv(shape, self._r(src), like)
+    def send_nowait(self, t: torch.Tensor, dst: int, tag: int = 0) -> SendHandle:
+        return self.base.send_nowait(t, self._r(dst), tag)
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor, tag: int = 0) -> torch.Tensor:
+        return self.base.recv(shape, self._r(src), like, tag)
 
     def wait(self) -> None:
         self.base.wait()
@@ -104,18 +143,25 @@ class DistComm(Comm):
         #: other ranks plus transfer); engines reset it per step to report idle time. With
         #: NCCL the calls are asynchronous to the host, so this under-counts GPU idle time.
         self.wait_s = 0.0
+        self.sent_bytes = 0
 
     def _global(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
 
     def isend(self, t: torch.Tensor, dst: int) -> None:
         t = t.detach().contiguous()
+        self.sent_bytes += _nbytes(t)
         self._pending.append((dist.isend(t, self._global(dst), group=self.group), t))
 
-    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
+    def send_nowait(self, t: torch.Tensor, dst: int, tag: int = 0) -> SendHandle:
+        t = t.detach().contiguous()
+        self.sent_bytes += _nbytes(t)
+        return SendHandle(dist.isend(t, self._global(dst), group=self.group, tag=tag), t, self)
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor, tag: int = 0) -> torch.Tensor:
         out = torch.empty(shape, dtype=like.dtype, device=like.device)
         t0 = time.perf_counter()
-        dist.recv(out, self._global(src), group=self.group)
+        dist.recv(out, self._global(src), group=self.group, tag=tag)
         self.wait_s += time.perf_counter() - t0
         return out
 
@@ -157,10 +203,16 @@ class ThreadGroup:
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self.queues = {(a, b): queue.Queue() for a in range(world_size) for b in range(world_size)}
+        self.queues: dict[tuple[int, int, int], queue.Queue] = {}
+        self._lock = threading.Lock()
         self.barrier = threading.Barrier(world_size)
         self.slots: list[list[float]] = [[] for _ in range(world_size)]
         self.objs: list[object] = [None] * world_size
+
+    def queue(self, src: int, dst: int, tag: int) -> queue.Queue:
+        """The message queue of one (source, destination, tag)."""
+        with self._lock:
+            return self.queues.setdefault((src, dst, tag), queue.Queue())
 
     def comm(self, rank: int) -> ThreadComm:
         return ThreadComm(self, rank)
@@ -173,11 +225,16 @@ class ThreadComm(Comm):
         self.g, self.rank, self.world_size = group, rank, group.world_size
 
     def isend(self, t: torch.Tensor, dst: int) -> None:
-        self.g.queues[(self.rank, dst)].put(t.detach().clone())
+        self.send_nowait(t, dst)
 
-    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor) -> torch.Tensor:
+    def send_nowait(self, t: torch.Tensor, dst: int, tag: int = 0) -> SendHandle:
+        self.sent_bytes += _nbytes(t)
+        self.g.queue(self.rank, dst, tag).put(t.detach().clone())  # unbounded: done at once
+        return SendHandle()
+
+    def recv(self, shape: tuple[int, ...], src: int, like: torch.Tensor, tag: int = 0) -> torch.Tensor:
         t0 = time.perf_counter()
-        t = self.g.queues[(src, self.rank)].get(timeout=60)
+        t = self.g.queue(src, self.rank, tag).get(timeout=120)
         self.wait_s += time.perf_counter() - t0
         if tuple(t.shape) != tuple(shape):
             raise RuntimeError(f"rank {self.rank}: expected {shape} from {src}, got {tuple(t.shape)}")

@@ -19,7 +19,14 @@ Every rank calls, collectively:
   engine carries from step to step (the same on every rank), for checkpoints;
 - ``train()`` / ``eval()``, and the attributes ``optimizer`` (rank-local, for LR schedulers),
   ``rank``, ``world_size``, ``comm`` (:class:`~resprune.parallel.comm.Comm` of the ranks),
-  ``stats`` (what the last step did).
+  ``stats`` (what the last step did: for the stage engines ``times_s`` per phase,
+  ``comm_wait_s``, ``sent_bytes``);
+- stage engines (:class:`~resprune.parallel.stage.StagedEngine`: ``mgrit``, ``pipeline``,
+  ``local``) add ``memory_bytes()`` / ``gather_memory_bytes()`` (resident bytes per rank),
+  ``measured_layer_time()``, ``repartition()`` and ``prune_()``.
+
+Engines register with their config class, ``@register_engine("name", config=NameConfig)``;
+:func:`engine_config` builds a config from a recipe's ``engine_options``.
 
 ``create_engine(name, model, loss_fn, optimizer_factory, config=None, regularizer=None)``:
 
@@ -54,28 +61,74 @@ from .comm import Comm, SingleComm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "SerialEngine", "create_engine", "list_engines", "register_engine",
-           "optimizer_state_by_name", "load_optimizer_state_by_name"]
+__all__ = ["Engine", "SerialEngine", "create_engine", "list_engines", "register_engine", "engine_config",
+           "engine_config_class", "optimizer_state_by_name", "load_optimizer_state_by_name"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
 _ENGINES: dict[str, Callable[..., "Engine"]] = {}
+_CONFIGS: dict[str, type | None] = {}
 
 
-def register_engine(name: str):
-    """Class decorator: make an engine available to :func:`create_engine` under ``name``."""
+def register_engine(name: str, config: type | None = None):
+    """Class decorator: make an engine available to :func:`create_engine` under ``name``;
+    ``config`` is its settings dataclass (``None``: the engine takes none), which
+    :func:`engine_config` builds from a recipe's ``engine_options``."""
 
     def deco(cls):
         _ENGINES[name] = cls
+        _CONFIGS[name] = config
         return cls
 
     return deco
 
 
 def list_engines() -> list[str]:
+    """Names of the registered engines (the ``--engine`` vocabulary)."""
     return sorted(_ENGINES)
+
+
+def engine_config_class(name: str) -> type | None:
+    """The config dataclass engine ``name`` registered (``None`` when it takes none)."""
+    if name not in _ENGINES:
+        raise ValueError(f"unknown engine {name!r}; available: {', '.join(list_engines())}")
+    return _CONFIGS[name]
+
+
+def engine_config(name: str, options: dict | None = None, input_size: tuple[int, ...] | None = None) -> Any:
+    """Engine ``name``'s config built from ``options`` (a recipe's ``engine_options``);
+    ``input_size`` (the data's sample shape) fills the config's ``input_size`` field when
+    it has one and ``options`` does not set it. Raises ``ValueError`` naming unknown
+    engines, unknown keys (with the valid ones) and bad values.
+
+    Example:
+        >>> engine_config("mgrit", {"cf": 2}, (1, 1, 16, 16)).input_size
+        (1, 1, 16, 16)
+    """
+    from dataclasses import fields
+
+    cls = engine_config_class(name)
+    opts = dict(options or {})
+    if cls is None:
+        if opts:
+            raise ValueError(f"engine_options {sorted(opts)} given, but engine {name!r} takes none")
+        return None
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(opts) - valid)
+    if unknown:
+        raise ValueError(f"unknown engine_options key(s) {', '.join(unknown)} for engine {name!r}; "
+                         f"valid: {', '.join(sorted(valid))}")
+    if "input_size" in valid:
+        if input_size is not None:
+            opts.setdefault("input_size", tuple(input_size))
+        if opts.get("input_size") is not None:
+            opts["input_size"] = tuple(opts["input_size"])
+    try:
+        return cls(**opts)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"engine_options: {exc}") from exc
 
 
 def create_engine(
@@ -87,10 +140,13 @@ def create_engine(
     regularizer: Regularizer | None = None,
     **kwargs: Any,
 ) -> "Engine":
-    """Build engine ``name`` (``"serial"``, ``"mgrit"``) for ``model``; collective for
-    distributed engines (every rank builds the same model with the same weights first)."""
+    """Build engine ``name`` (:func:`list_engines`) for ``model``; collective for
+    distributed engines (every rank builds the same model with the same weights first).
+    ``config`` may also be a dict of the engine's options (:func:`engine_config`)."""
     if name not in _ENGINES:
         raise ValueError(f"unknown engine {name!r}; available: {', '.join(list_engines())}")
+    if isinstance(config, dict):
+        config = engine_config(name, config)
     return _ENGINES[name](model, loss_fn, optimizer_factory, config, regularizer=regularizer, **kwargs)
 
 
@@ -248,7 +304,7 @@ class Engine:
         return OrderedDict((k, parts[k]) for k in keys)
 
 
-@register_engine("serial")
+@register_engine("serial", config=None)
 class SerialEngine(Engine):
     """The whole model on one process: the reference every other engine is tested against.
 

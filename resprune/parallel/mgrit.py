@@ -9,11 +9,16 @@ same solver backward in layer index (the ranks in reverse order).
 
 Choices (see docs/parallel.md):
 
+- **Structure.** A :class:`~resprune.parallel.stage.Stage` owns the rank's layers (the
+  others are released); :class:`~resprune.parallel.mgrit_schedule.MGRITStep` is the step's
+  schedule (solves, sweeps, loss), this module the contract and the state across steps.
 - **Coarse propagator.** A coarse step standing for ``m`` residual layers starting at layer
-  ``t`` is ``Φc(u) = u + m·(f_t(u) − u)``: the first layer's increment, scaled (forward
-  Euler with step ``m·h``; parameters injected from the C-point). Its adjoint is
-  ``λ + m·(J_tᵀλ − λ)`` with ``J_t`` taken at ``u[t]`` (in the adjoint's own time the
-  interval's first step is the highest layer of the chunk).
+  ``t`` is ``act(u + m·r_t(u))`` for blocks that declare the form ``act(u + r(u))``
+  (``block.residual_form()``, :mod:`resprune.parallel.residual`; no type tests), else
+  ``u + m·(f_t(u) − u)``: the first layer's increment, scaled (forward Euler with step
+  ``m·h``; parameters injected from the C-point). Its adjoint is ``Dλ + m·(J_tᵀλ − Dλ)``
+  with ``D`` the ReLU mask at the output and ``J_t`` taken at ``u[t]`` (in the adjoint's
+  own time the interval's first step is the highest layer of the chunk).
 - **Shape changes.** Layers whose output shape differs from their input (stem, stride-2
   transitions, head) are never coarsened: they are exact steps on every level, so each
   stage of equal shape is coarsened on its own and transitions are propagated exactly.
@@ -47,29 +52,22 @@ Example (run under torchrun; on one process it degenerates to serial):
 from __future__ import annotations
 
 import logging
-import time
-from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import ResConv2d
-from ..models.cifar_resnet import BasicBlock
-from .comm import Comm, DistComm, ReversedComm, SingleComm
-from .engines import Engine, register_engine
-from .mgrit_solver import MGRITSolver, build_hierarchy
-from .partition import LayerInfo, analyze_layers, balanced_bounds, layer_sequence
-from .rebalance import ClassMeanStore, gather_layer_time, neighbour_params, repartition_engine
+from .comm import Comm
+from .engines import register_engine
+from .mgrit_schedule import MGRITStep, describe_levels
+from .mgrit_solver import build_hierarchy
+from .rebalance import ClassMeanStore
+from .residual import averaged_coarse_step, relu_after_sum, residual_form
+from .stage import StagedEngine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MGRITConfig", "MGRITEngine"]
+__all__ = ["MGRITConfig", "MGRITEngine", "averaged_coarse_step", "residual_increment"]
 
 
 @dataclass(frozen=True)
@@ -168,375 +166,116 @@ class MGRITConfig:
 
 
 def residual_increment(layer: nn.Module, u: torch.Tensor | None):
-    """``(r(u), relu)`` for layers of the form ``y = act(u + r(u))`` that resprune builds
-    (identity-shortcut ResConv2d: ``r = s·BN(W∗u)``; identity-shortcut BasicBlock:
-    ``r = conv2(conv1(u))``), ``None`` for any other layer. With ``u=None`` only the form is
-    checked and ``r`` is ``None``. The coarse step is then ``act(u + m·r(u))``: the layer
-    scale (the Euler step) times ``m``, the activation kept, which stays stable where
-    ``u + m·(f(u) − u)`` would turn each ReLU-clipped entry into a factor ``1 − m``.
-    """
-    if isinstance(layer, ResConv2d) and layer.shortcut and layer.identity_shortcut:
-        r = None if u is None else layer.branch(u)  # the same op order as layer.forward
-        return r, layer.act
-    if isinstance(layer, BasicBlock) and isinstance(layer.shortcut, nn.Identity):
-        return (None if u is None else layer.conv2(layer.conv1(u))), True
-    return None
-
-
-@contextmanager
-def _bn_stats_frozen(module: nn.Module):
-    """Train-mode BN uses batch statistics but leaves running statistics untouched."""
-    bns = [m for m in module.modules()
-           if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
-
-
-def averaged_coarse_step(layers: list[nn.Module], u: torch.Tensor) -> torch.Tensor | None:
-    """``act(u + Σᵢ sᵢ·BNᵢ(W̄∗u))`` for a run of identity-shortcut ResConv2d layers of one
-    configuration (``W̄`` the mean kernel; batch statistics of ``W̄∗u``; affine ``Σ sᵢγᵢ``,
-    ``Σ sᵢβᵢ``), ``None`` when the run is anything else. It equals the sum of the layers'
-    increments at ``u`` when the kernels agree, and differs from it to first order in their
-    spread; parameter injection (``m·s₀γ₀``, ``W₀``) keeps only the first layer."""
-    first = layers[0]
-    if not all(isinstance(m, ResConv2d) and m.shortcut and m.identity_shortcut and m.bn.affine
-               and m.conv.weight.shape == first.conv.weight.shape and m.act == first.act
-               and m.conv.bias is None for m in layers):
+    """``(r(u), relu)`` for a block that declares the residual form ``act(u + r(u))``
+    (:func:`~resprune.parallel.residual.residual_form`), ``None`` for any other layer; with
+    ``u=None`` only the form is checked and ``r`` is ``None``."""
+    form = residual_form(layer)
+    if form is None:
         return None
-    w = torch.stack([m.conv.weight for m in layers]).mean(0)
-    gamma = sum(m.effective_scale * m.bn.weight for m in layers)
-    beta = sum(m.effective_scale * m.bn.bias for m in layers)
-    c = first.conv
-    z = F.conv2d(u, w, None, c.stride, c.padding, c.dilation, c.groups)
-    y = u + F.batch_norm(z, None, None, gamma, beta, True, 0.0, first.bn.eps)
-    return F.relu(y) if first.act else y
+    r, relu = form
+    return (None if u is None else r(u)), relu
 
 
-def _default_comm() -> Comm:
-    if dist.is_available() and dist.is_initialized():
-        return DistComm()
-    return SingleComm()
-
-
-@register_engine("mgrit")
-class MGRITEngine(Engine):
+@register_engine("mgrit", config=MGRITConfig)
+class MGRITEngine(StagedEngine):
     """Nonlinear multigrid (FAS-MGRIT) across layers, forward and adjoint.
 
-    Every rank holds the whole model (same weights) but computes, owns and optimizes only
-    its contiguous range of ``layer_sequence()``. ``comm`` defaults to the default process
-    group (a one-process group when torch.distributed is not initialised).
+    Each rank's :class:`~resprune.parallel.stage.Stage` owns a contiguous range of
+    ``layer_sequence()`` (the other layers are released at the first step); an
+    :class:`~resprune.parallel.mgrit_schedule.MGRITStep` drives the solves and sweeps.
+    ``comm`` defaults to the default process group (one process when torch.distributed is
+    not initialised).
     """
 
     name = "mgrit"
 
     def __init__(self, model, loss_fn, optimizer_factory, config: MGRITConfig | None = None,
                  regularizer=None, comm: Comm | None = None) -> None:
-        super().__init__(model, loss_fn, optimizer_factory, regularizer)
-        self.config = cfg = config if config is not None else MGRITConfig()
+        cfg = config if config is not None else MGRITConfig()
         if not isinstance(cfg, MGRITConfig):
             raise TypeError(f"mgrit engine needs an MGRITConfig, got {type(cfg).__name__}")
-        self.comm = comm if comm is not None else _default_comm()
-        self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.layer_time: dict[str, float] = {}  # measured seconds per owned layer (final sweeps, EMA)
-        self._iters = [cfg.fwd_iters, cfg.bwd_iters]  # this step's cycles (adaptive mode moves them)
-        self._setup_partition(None)
-        self._make_optimizer()
-        logger.info("mgrit rank %d/%d owns layers %d..%d (%s .. %s); %d forward levels",
-                    self.rank, self.world_size, self.lo, self.hi - 1, self.seq[self.lo][0],
-                    self.seq[self.hi - 1][0], len(self.fwd_levels))
+        super().__init__(model, loss_fn, optimizer_factory, cfg, regularizer, comm)
+        logger.info("mgrit rank %d: %d forward levels", self.rank, len(self.fwd_levels))
 
-    def _setup_partition(self, bounds: list[int] | None) -> None:
-        """Layer sequence, analysis, rank bounds (``None``: balanced by counted cost), grids."""
-        cfg = self.config
-        self.seq = layer_sequence(self.model)
-        self.info = analyze_layers(self.model, cfg.input_size)
-        self._infos = {tuple(cfg.input_size[1:]): self.info}
-        n = len(self.seq)
-        self.bounds = bounds if bounds is not None else balanced_bounds(self.info.costs, self.world_size)
-        self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+    def _on_partition(self) -> None:
+        """Grids of both directions, ReLU flags, warm-start stores, adaptive cycle counts."""
+        cfg, n = self.config, len(self.seq)
         self.fwd_levels = build_hierarchy(self.info.residual, self.bounds, cfg.cf, cfg.levels)
         rbounds = [n - b for b in reversed(self.bounds)]
         self.bwd_levels = build_hierarchy(self.info.residual[::-1], rbounds, cfg.cf, cfg.levels)
-        self._relu_out = [residual_increment(m, None) is not None and residual_increment(m, None)[1]
-                          for _, m in self.seq]
-        self.part = nn.ModuleList([m for _, m in self.seq[self.lo:self.hi]])
+        self._relu_out = [relu_after_sum(m) for _, m in self.seq]
+        self._iters = [cfg.fwd_iters, cfg.bwd_iters]  # this step's cycles (adaptive mode moves them)
+        self._on_load()
+
+    def _on_load(self) -> None:
         self._prev: dict | None = None
-        self._store = ClassMeanStore() if cfg.warm_start == "class_mean" else None
+        self._store = ClassMeanStore() if self.config.warm_start == "class_mean" else None
 
-    def repartition(self, times: dict[str, float] | None = None) -> dict:
-        """Collective, after layers were removed from the model (on every rank alike, e.g. by
-        :meth:`prune_`): rebalance the ranks' stages by measured per-layer time (``times``,
-        default the times measured in the final sweeps; layers never timed are costed by
-        their counted cost at the median seconds per unit), gather the owned parameters and
-        buffers and the optimiser state of every surviving parameter, then rebuild the grids
-        and the optimiser with the state kept (hyper-parameters and LR-scheduler binding kept
-        when the optimiser's groups line up). Returns ``bounds_before/after``, the per-rank
-        loads in measured seconds and ``imbalance_before/after`` (max load / mean load − 1;
-        before: the old stages with the removed layers gone, i.e. without re-partitioning;
-        ``imbalance_unpruned``: the old stages of the whole old sequence)."""
-        return repartition_engine(self, times)
-
-    def measured_layer_time(self) -> dict[str, float]:
-        """Collective: seconds per layer measured in the final sweeps (moving average), all
-        ranks' layers, on every rank (what :meth:`repartition` balances)."""
-        return gather_layer_time(self)
-
-    def prune_(self, prune_config, times: dict[str, float] | None = None):
-        """Collective: gather the current weights on every rank, prune the model alike
-        everywhere (:func:`resprune.prune.prune_`), re-partition. Returns
-        ``(PruneReport, repartition dict)``."""
-        from ..prune import prune_ as prune_model
-
-        self.sync_model()
-        report = prune_model(self.model, prune_config)
-        return report, self.repartition(times)
-
-    def sync_model(self) -> None:
-        """Collective: every rank's copy of the whole model takes the current owned weights
-        (ranks otherwise hold stale copies of the layers they do not own)."""
-        local = {}
-        for name, m in self.seq[self.lo:self.hi]:
-            for k, v in m.state_dict().items():
-                local[f"{name}.{k}"] = v.detach().cpu().clone()
-        parts = self.comm.broadcast_object(self.comm.gather_object(local), 0)
-        merged = {k: v for d in parts for k, v in d.items()}
-        own = self.model.state_dict()
-        with torch.no_grad():
-            for k, v in merged.items():
-                if k in own:
-                    own[k].copy_(v)
-
-    # ---- ownership -----------------------------------------------------------------------
-    def local_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, m in self.seq[self.lo:self.hi]:
-            for pn, p in m.named_parameters():
-                yield f"{name}.{pn}", p
+    def layers(self, first: int, m: int) -> list[nn.Module]:
+        """Layers ``first .. first + m − 1`` (a coarse step's interval, inside this rank)."""
+        return [self.seq[n][1] for n in range(first, first + m)]
 
     def describe(self) -> str:
-        """One line per rank range and the grid sizes (for logs)."""
+        """The rank ranges and the grid sizes (for logs)."""
         lv = ", ".join(str(level.n_steps) for level in self.fwd_levels)
         return (f"mgrit: {len(self.seq)} layers over {self.world_size} ranks, bounds {self.bounds}, "
                 f"forward grid steps per level [{lv}], {self.config}")
 
-    def _layer_info(self, x: torch.Tensor) -> LayerInfo:
-        key = tuple(x.shape[1:])
-        if key not in self._infos:
-            info = analyze_layers(self.model, (1, *key))
-            if info.residual != self.info.residual:
-                raise ValueError(f"input shape {key} changes which layers keep their shape")
-            self._infos[key] = info
-        return self._infos[key]
-
-    # ---- steps ---------------------------------------------------------------------------
-    def _fstep(self, desc, u: torch.Tensor) -> torch.Tensor:
-        t, m = desc
-        layer = self.seq[t][1]
-        if m is None:
-            return layer(u)
-        if self.config.coarse_params == "average":
-            out = averaged_coarse_step(self._coarse_layers(t, m), u)
-            if out is not None:
-                return out
-        inc = residual_increment(layer, u)
-        if inc is None:  # unknown residual layer: scale its whole increment
-            return u + m * (layer(u) - u)
-        r, relu = inc
-        y = u + m * r
-        return F.relu(y) if relu else y
-
-    def _coarse_layers(self, first: int, m: int) -> list[nn.Module]:
-        return [self.seq[n][1] for n in range(first, first + m)]
+    def describe_levels(self) -> str:
+        """The forward grids, rank by rank (:func:`~resprune.parallel.mgrit_schedule.describe_levels`)."""
+        return describe_levels(self.fwd_levels, [n for n, _ in self.seq])
 
     # ---- training ------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        cfg, n_layers, me, P = self.config, len(self.seq), self.rank, self.world_size
+        self._ensure_released()
         self._zero_grad()
-        B = x.shape[0]
-        info = self._layer_info(x)
-        conv = cfg.mode == "converged"
-        fits, bits = self._iters if cfg.mode == "adaptive" else (cfg.fwd_iters, cfg.bwd_iters)
-        if self._store is not None:  # class-mean start: one guess per sample, from its label
-            ug, lg = self._store.guess(y)
-            warm = ug is not None
-        else:
-            warm = bool(cfg.warm_start) and self._prev is not None and self._prev["shape"] == tuple(x.shape)
-            ug, lg = (self._prev["u"], self._prev["lam"]) if warm else (None, None)
-        clock = [time.perf_counter()]
-        self.comm.wait_s = 0.0
-
-        def lap() -> float:  # seconds since the previous lap (phase timings for stats)
-            clock.append(time.perf_counter())
-            return clock[-1] - clock[-2]
-
-        # forward: MGRIT on the states (no graph, BN running stats frozen)
-        fsolver = MGRITSolver(self.fwd_levels, self.comm, self._fstep,
-                              lambda p: info.point_shape(p, B), cfg.relax)
-        with torch.no_grad(), _bn_stats_frozen(self.part):
-            u, finfo = fsolver.solve(x if me == 0 else None, x, fits, cfg.tol if conv else None,
-                                     "guess" if warm else cfg.initial, ug)
-        t_fwd_solve = lap()
-        # final sweep: F-relaxation that builds each owned layer's graph (BN stats update once)
-        graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # defect sums: the sweep's value at each owned C-point against the solver's (free);
-        # kept as tensors, read once with the loss (no device sync per interval)
-        defect = torch.zeros(4, dtype=torch.float64, device=x.device)  # fwd ‖Φ(u[c−1]) − u[c]‖², ‖u[c]‖²; adj
-        owned = set(fsolver.c_points())
-        ltime: dict[int, float] = {}  # seconds per owned layer in the final sweeps
-        for a, b in fsolver.intervals(0):
-            s = u[a]
-            for n in range(a, b):
-                t0 = time.perf_counter()
-                inp = s.detach().requires_grad_(True)
-                out = self.seq[n][1](inp)
-                graphs[n] = (inp, out)
-                s = out.detach()
-                ltime[n] = time.perf_counter() - t0
-            if b in owned:
-                defect[0] += (s - u[b]).double().pow(2).sum()
-                defect[1] += u[b].double().pow(2).sum()
-
-        t_fwd_sweep = lap()
-        loss = torch.zeros((), dtype=torch.float64)
-        lam_n = None
-        if me == P - 1:
-            logits = graphs[n_layers - 1][1]
-            task = self.loss_fn(logits, y)
-            (lam_n,) = torch.autograd.grad(task, logits, retain_graph=True)
-            loss += float(task.detach())
-        if self.regularizer is not None:
-            kw = neighbour_params(self) if getattr(self.regularizer, "neighbours", False) else {}
-            reg = self.regularizer(self.part, **kw)
-            if reg.requires_grad:
-                reg.backward()
-            loss += float(reg.detach())
-
-        # adjoint: MGRIT backward in layer index (time point t = layer point N − t)
-        def bstep(desc, lam: torch.Tensor) -> torch.Tensor:
-            t, m = desc
-            n = n_layers - 1 - t
-            inp, out = graphs[n]
-            if m is not None and cfg.coarse_params == "average":
-                # the interval is layers n−m+1..n; linearise the averaged step at u[n]
-                with torch.enable_grad():
-                    v = inp.detach().requires_grad_(True)
-                    outc = averaged_coarse_step(self._coarse_layers(n - m + 1, m), v)
-                if outc is not None:
-                    return torch.autograd.grad(outc, v, lam)[0]
-            (g,) = torch.autograd.grad(out, inp, lam, retain_graph=True)
-            if m is None:
-                return g
-            # J = D (I + s B) with D the ReLU mask at the output: coarse (I + m s B)ᵀ D λ
-            dl = lam * (out > 0) if self._relu_out[n] else lam
-            return dl + m * (g - dl)
-
-        bsolver = MGRITSolver(self.bwd_levels, ReversedComm(self.comm), bstep,
-                              lambda tp: info.point_shape(n_layers - tp, B), cfg.relax)
-        lam, binfo = bsolver.solve(lam_n, x, bits, cfg.tol if conv else None,
-                                   "guess" if warm else cfg.initial, lg)
-        t_bwd_solve = lap()
-        # final adjoint sweep: parameter gradients from the final adjoints (each layer once)
-        bowned = set(bsolver.c_points()) - {n_layers}  # the input point has no adjoint value here
-        for a, b in bsolver.intervals(0):
-            s = lam[a]
-            for tp in range(a, b):
-                n = n_layers - 1 - tp
-                t0 = time.perf_counter()
-                inp, out = graphs.pop(n)
-                params = [p for p in self.seq[n][1].parameters() if p.requires_grad]
-                inputs = params + ([inp] if n > 0 else [])
-                if inputs:
-                    torch.autograd.backward(out, s, inputs=inputs)
-                s = inp.grad if inp.grad is not None else torch.zeros_like(inp)
-                ltime[n] = ltime.get(n, 0.0) + time.perf_counter() - t0
-            if b in bowned:
-                defect[2] += (s - lam[b]).double().pow(2).sum()
-                defect[3] += lam[b].double().pow(2).sum()
-
-        t_bwd_sweep = lap()
-        for n, sec in ltime.items():  # per-layer time for re-partitioning (EMA over steps)
-            name = self.seq[n][0]
-            self.layer_time[name] = sec if name not in self.layer_time else 0.8 * self.layer_time[name] + 0.2 * sec
-        if self._store is not None:
-            self._store.update(y, {p: u[p] for p in fsolver.c_points()}, {p: lam[p] for p in bsolver.c_points()})
-        elif cfg.warm_start:
-            self._prev = {
-                "shape": tuple(x.shape),
-                "u": {p: u[p].detach() for p in fsolver.c_points()},
-                "lam": {p: lam[p].detach() for p in bsolver.c_points()},
-            }
-        total, *defect = self.comm.all_reduce_sum([float(loss), *defect.tolist()])
-        t_total = time.perf_counter() - clock[0]
-        fdef = (defect[0] / defect[1]) ** 0.5 if defect[1] > 0 else None
-        bdef = (defect[2] / defect[3]) ** 0.5 if defect[3] > 0 else None
-        if cfg.mode == "adaptive":  # next step's cycles from this step's measured defects
-            for i, (d, cap) in enumerate(((fdef, cfg.fwd_iters), (bdef, cfg.bwd_iters))):
-                if d is not None and d > cfg.tol:
-                    self._iters[i] = min(cap, self._iters[i] + 1)
-                elif d is not None and d < cfg.tol / 4:
-                    self._iters[i] = max(min(cfg.min_iters, cap), self._iters[i] - 1)
-        self.stats = {"warm": warm, "fwd_iters": finfo.iterations, "fwd_residuals": finfo.residuals,
-                      "bwd_iters": binfo.iterations, "bwd_residuals": binfo.residuals,
+        self.comm.reset_counters()
+        step = MGRITStep(self, x, y)
+        loss, defect, u, lam = step.run()
+        self._record_layer_time(step.ltime)
+        self._keep_start(step, y, u, lam)
+        total, *d = self.comm.all_reduce_sum([loss, *defect.tolist()])
+        fdef = (d[0] / d[1]) ** 0.5 if d[1] > 0 else None
+        bdef = (d[2] / d[3]) ** 0.5 if d[3] > 0 else None
+        self._adapt(fdef, bdef)
+        times = step.clock.times()
+        # the solves' coarsest-level (sequential) part, waiting included
+        times.update(fwd_coarsest=step.fsolver.seq_s, bwd_coarsest=step.bsolver.seq_s)
+        self.stats = {"warm": step.warm, "fwd_iters": step.finfo.iterations, "fwd_residuals": step.finfo.residuals,
+                      "bwd_iters": step.binfo.iterations, "bwd_residuals": step.binfo.residuals,
                       # relative C-point defect of the states/adjoints the gradients used:
                       # ‖Φ(u[c−1]) − u[c]‖/‖u[c]‖ over the C-points inside ranks (0 if exact)
                       "fwd_defect": fdef, "bwd_defect": bdef,
                       # wall seconds of this rank's phases (the solves include waiting for
                       # other ranks; comm_wait_s is all time blocked in communication)
-                      "times_s": {"fwd_solve": t_fwd_solve, "fwd_sweep": t_fwd_sweep,
-                                  "bwd_solve": t_bwd_solve, "bwd_sweep": t_bwd_sweep,
-                                  "total": t_total,
-                                  # the solves' coarsest-level (sequential) part, waiting included
-                                  "fwd_coarsest": fsolver.seq_s, "bwd_coarsest": bsolver.seq_s},
-                      "comm_wait_s": self.comm.wait_s}
+                      "times_s": times, "comm_wait_s": self.comm.wait_s, "sent_bytes": self.comm.sent_bytes}
         return total
+
+    def _keep_start(self, step: MGRITStep, y: torch.Tensor, u: dict, lam: dict) -> None:
+        """Store this step's C-point values for the next step's warm start."""
+        fpts, bpts = step.fsolver.c_points(), step.bsolver.c_points()
+        if self._store is not None:
+            self._store.update(y, {p: u[p] for p in fpts}, {p: lam[p] for p in bpts})
+        elif self.config.warm_start:
+            self._prev = {"shape": tuple(step.x.shape), "u": {p: u[p].detach() for p in fpts},
+                          "lam": {p: lam[p].detach() for p in bpts}}
+
+    def _adapt(self, fdef: float | None, bdef: float | None) -> None:
+        """Adaptive mode: next step's cycles from this step's measured defects."""
+        cfg = self.config
+        if cfg.mode != "adaptive":
+            return
+        for i, (d, cap) in enumerate(((fdef, cfg.fwd_iters), (bdef, cfg.bwd_iters))):
+            if d is not None and d > cfg.tol:
+                self._iters[i] = min(cap, self._iters[i] + 1)
+            elif d is not None and d < cfg.tol / 4:
+                self._iters[i] = max(min(cfg.min_iters, cap), self._iters[i] - 1)
 
     @property
     def exact_bn_stats(self) -> bool:  # simultaneous mode accumulates them from inexact states
         return self.config.mode == "converged"
 
-    def _exact_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact forward propagation in the modules' current modes, pipelined over
-        micro-batches; the output (logits) on every rank."""
-        me, P, B = self.rank, self.world_size, x.shape[0]
-        info = self._layer_info(x)
-        chunks = torch.arange(B).tensor_split(min(P, B))
-        outs = []
-        for idx in chunks:
-            if me == 0:
-                s = x[idx]
-            else:
-                s = self.comm.recv(info.point_shape(self.lo, len(idx)), me - 1, x)
-            for n in range(self.lo, self.hi):
-                s = self.seq[n][1](s)
-            if me < P - 1:
-                self.comm.isend(s, me + 1)
-            else:
-                outs.append(s)
-        self.comm.wait()
-        if me == P - 1:
-            logits = torch.cat(outs)
-        else:
-            logits = torch.empty(info.point_shape(len(self.seq), B), dtype=x.dtype, device=x.device)
-        return self.comm.broadcast(logits, P - 1)
-
     # ---- checkpoints ---------------------------------------------------------------------
-    def full_state_dict(self) -> "OrderedDict[str, torch.Tensor] | None":
-        local = {}
-        for name, m in self.seq[self.lo:self.hi]:
-            for k, v in m.state_dict().items():
-                local[f"{name}.{k}"] = v.detach().cpu().clone()
-        parts = self.comm.gather_object(local)
-        if parts is None:
-            return None
-        merged: dict[str, torch.Tensor] = {}
-        for d in parts:
-            merged.update(d)
-        return self._ordered(self.model, merged)
-
     def loop_state(self) -> dict:
         """The cycle counts adaptive mode chose for the next step. Warm-start states
         (``warm_start``) are not kept: a resumed run starts its first step cold."""
@@ -545,14 +284,3 @@ class MGRITEngine(Engine):
     def load_loop_state(self, state: dict) -> None:
         if "iters" in state:
             self._iters = [int(i) for i in state["iters"]]
-
-    def load_full_state_dict(self, sd: dict[str, torch.Tensor] | None) -> None:
-        missing = self.comm.all_reduce_sum([1.0 if sd is None else 0.0])[0]
-        if missing:
-            sd = self.comm.broadcast_object(sd if self.rank == 0 else None, 0)
-        if sd is None:
-            raise ValueError("load_full_state_dict: rank 0 has no state dict")
-        self.model.load_state_dict(sd)
-        self._prev = None
-        if self._store is not None:
-            self._store = ClassMeanStore()

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +81,12 @@ def analyze_layers(model: nn.Module, input_size: tuple[int, ...]) -> LayerInfo:
     """Shapes, residual flags and costs of every layer for inputs shaped like ``input_size``.
 
     A layer is *residual* when its input and output have the same shape (a block of equal
-    width and resolution); the stem, stride-2 transitions and the head are not.
+    width and resolution); the stem, stride-2 transitions and the head are not. A model some
+    of whose layers were released to the meta device (a rank of an engine) is analysed on a
+    meta copy: shapes and counts need no numbers.
     """
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model = copy.deepcopy(model).to("meta")
     seq = layer_sequence(model)
     p = next(model.parameters())
     x = torch.zeros((1, *input_size[1:]), device=p.device, dtype=p.dtype)

@@ -1,4 +1,4 @@
-"""Helpers of the mgrit engine that outlive one step: class-mean warm starts, the layer
+"""Helpers of the stage engines that outlive one step: class-mean warm starts, the layer
 parameters exchanged at rank boundaries (smoothness penalty), and the re-partition after
 pruning (docs/parallel.md, "ODE regime and re-partition").
 
@@ -25,7 +25,7 @@ from ..sparsity import same_structure
 from .partition import analyze_layers, balanced_bounds, layer_sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .mgrit import MGRITEngine
+    from .stage import StagedEngine
 
 __all__ = ["ClassMeanStore", "neighbour_params", "repartition_engine", "gather_layer_time", "load_imbalance"]
 
@@ -96,7 +96,7 @@ def _unflat(vec: torch.Tensor, like: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def neighbour_params(eng: "MGRITEngine") -> dict:
+def neighbour_params(eng: "StagedEngine") -> dict:
     """``{"before": [...], "after": [...]}``: detached parameters of the layers next to this
     rank's range that pair with its first/last layer (collective between neighbours)."""
     seq, lo, hi, me, P, comm = eng.seq, eng.lo, eng.hi, eng.rank, eng.world_size, eng.comm
@@ -135,7 +135,7 @@ def _allgather(comm, obj):
     return comm.broadcast_object(comm.gather_object(obj), 0)
 
 
-def gather_layer_time(eng: "MGRITEngine") -> dict[str, float]:
+def gather_layer_time(eng: "StagedEngine") -> dict[str, float]:
     """Collective: every rank's measured seconds per layer, merged, on every rank."""
     measured: dict[str, float] = {}
     for d in _allgather(eng.comm, dict(eng.layer_time)):
@@ -143,8 +143,8 @@ def gather_layer_time(eng: "MGRITEngine") -> dict[str, float]:
     return measured
 
 
-def repartition_engine(eng: "MGRITEngine", times: dict[str, float] | None = None) -> dict:
-    """See :meth:`MGRITEngine.repartition`."""
+def repartition_engine(eng: "StagedEngine", times: dict[str, float] | None = None) -> dict:
+    """See :meth:`StagedEngine.repartition`."""
     comm, P = eng.comm, eng.world_size
     measured = gather_layer_time(eng)
     measured.update(times or {})
@@ -163,7 +163,7 @@ def repartition_engine(eng: "MGRITEngine", times: dict[str, float] | None = None
         all_state.update(d)
     # measured seconds per layer; layers never timed: counted cost at the median rate
     seq = layer_sequence(eng.model)
-    info = analyze_layers(eng.model, eng.config.input_size)
+    info = analyze_layers(eng.model, eng.input_size)
     costs = {**costs_before, **dict(zip(info.names, info.costs))}
     rates = [measured[n] / costs[n] for n in measured if costs.get(n)]
     rate = statistics.median(rates) if rates else 1.0
@@ -171,7 +171,6 @@ def repartition_engine(eng: "MGRITEngine", times: dict[str, float] | None = None
     names_after = [n for n, _ in seq]
     bounds = balanced_bounds([tmap[n] for n in names_after], P)
     eng._setup_partition(bounds)
-    eng._iters = [eng.config.fwd_iters, eng.config.bwd_iters]
     eng.layer_time = {n: t for n, t in eng.layer_time.items() if n in set(names_after[eng.lo:eng.hi])}
     # the optimiser: same object (scheduler binding, hyper-parameters) when groups line up
     named = list(eng.local_named_parameters())
