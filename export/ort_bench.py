@@ -7,11 +7,19 @@ Usage:
 
 The models are timed *interleaved*: within each batch size every round runs each model once,
 alternating the order (A, B, then B, A, ...), so clock-frequency drift, thermal throttling
-and noisy neighbours hit all models alike. Reported per (model, batch): median, p90, min and
-mean latency of one ``session.run`` (ms), throughput (samples/s at the median) and the ratio
-of medians to the first model (the reference). Inputs are random (seed 0) with the model's
-own input shape; a symbolic first dimension takes the batch size, other symbolic dimensions
-need ``--shape``.
+and noisy neighbours hit all models alike. The rounds are split into ``--blocks`` (5) blocks,
+each with fresh sessions (created in rotating order), because a session itself can be
+slower or faster than another of the same file (where its threads land). Reported per
+(model, batch): median, interquartile range, p90, min and mean latency of one
+``session.run`` (ms), throughput (samples/s at the median), the ratio of medians to the
+first model (the reference) and its noise interval: the 95% bootstrap interval resampling
+blocks, then rounds in pairs, widened by ``--noise-floor`` (0.05) on each side;
+``within_noise`` when the interval contains 1. Threads are pinned: ``intra_op_num_threads``
+(``--threads``; 0 resolves to the physical cores this process may use, onnxruntime's own
+default) and ``inter_op_num_threads = 1`` are set explicitly and recorded, and no thread
+spin-waits after a run (an idle session's spinning threads would slow the next model).
+Inputs are random (seed 0) with the model's own input shape; a symbolic first dimension
+takes the batch size, other symbolic dimensions need ``--shape``.
 
 Peak memory: each (model, batch) is also run in a child process (this script with
 ``--_child``) that creates the session, runs the model ``--mem-runs`` times and reports its
@@ -41,7 +49,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-TOOL_VERSION = 1
+TOOL_VERSION = 2
+INTER_OP_THREADS = 1
+CI_LEVEL, CI_RESAMPLES, NOISE_FLOOR, BLOCKS = 0.95, 2000, 0.05, 5
 OPT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",
     "basic": "ORT_ENABLE_BASIC",
@@ -84,6 +94,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use (what onnxruntime picks by
+    default), from Linux's topology files; elsewhere the usable logical CPUs."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        topo = "/sys/devices/system/cpu/cpu{}/topology/"
+        return len({(Path(topo.format(c) + "physical_package_id").read_text(),
+                     Path(topo.format(c) + "core_id").read_text()) for c in cpus}) or len(cpus)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def device_info() -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -117,7 +139,11 @@ def device_info() -> dict:
 def make_session(path: str, threads: int, providers: list[str], opt_level: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    so.inter_op_num_threads = INTER_OP_THREADS
+    # no spin-waiting after a run: an idle session's spinning threads would take cores from the
+    # next model in the round (two sessions of one file measured 0.55-1.74x with it on 2 cores)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
     so.log_severity_level = 3
@@ -229,20 +255,38 @@ def time_interleaved(sessions: list, feeds: list, runs: int, warmup: int) -> lis
 
 def stats(batch: int, t: list[float]) -> dict:
     ms = [1e3 * v for v in t]
-    med = percentile(ms, 50)
+    q25, med, q75 = (percentile(ms, q) for q in (25, 50, 75))
     return {
-        "median_ms": med, "p90_ms": percentile(ms, 90), "min_ms": min(ms), "mean_ms": float(np.mean(ms)),
-        "std_ms": float(np.std(ms)), "throughput_per_s": 1e3 * batch / med if med > 0 else None,
-        "runs": len(ms),
+        "median_ms": med, "q25_ms": q25, "q75_ms": q75, "p90_ms": percentile(ms, 90), "min_ms": min(ms),
+        "mean_ms": float(np.mean(ms)), "std_ms": float(np.std(ms)),
+        "throughput_per_s": 1e3 * batch / med if med > 0 else None, "runs": len(ms),
     }
+
+
+def ratio_interval(ref: list[list[float]], t: list[list[float]], floor: float = NOISE_FLOOR,
+                   level: float = CI_LEVEL, resamples: int = CI_RESAMPLES, seed: int = 0) -> list[float]:
+    """Noise interval of median(t) / median(ref), from their times per block of fresh sessions
+    (round by round): the bootstrap interval that resamples blocks, then rounds within each
+    block in pairs (both models' times of one round together, so what slowed a round for both
+    cancels, while what differs from session to session shows), widened by ``floor`` on each
+    side for what one run cannot show (identical files differ by a few % on a shared machine)."""
+    rng = np.random.default_rng(seed)
+    pairs = [np.column_stack([a, b]) for a, b in zip(ref, t)]
+    r = np.empty(resamples)
+    for j in range(resamples):
+        s = np.concatenate([pairs[c][rng.integers(0, len(pairs[c]), len(pairs[c]))]
+                            for c in rng.integers(0, len(pairs), len(pairs))])
+        r[j] = np.median(s[:, 1]) / np.median(s[:, 0])
+    lo, hi = np.percentile(r, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo) - floor, float(hi) + floor]
 
 
 def format_table(result: dict) -> str:
     names = [m["name"] for m in result["models"]]
     ref = names[0]
     w = max([len(n) for n in names] + [5])
-    head = (f"{'model':<{w}} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'min ms':>9} "
-            f"{'samples/s':>10} {'vs ' + ref[:10]:>13} {'peak MB':>8} {'+MB':>6}")
+    head = (f"{'model':<{w}} {'batch':>5} {'median ms':>10} {'IQR ms':>15} {'p90 ms':>9} {'min ms':>9} "
+            f"{'samples/s':>10} {'vs ' + ref[:10]:>13} {'noise interval':>16} {'peak MB':>8} {'+MB':>6}")
     lines = [head, "-" * len(head)]
     by = {(r["model"], r["batch"]): r for r in result["results"]}
     for b in result["settings"]["batches"]:
@@ -253,20 +297,25 @@ def format_table(result: dict) -> str:
                 continue
             base = by.get((ref, b))
             ratio = f"{r['median_ms'] / base['median_ms']:.3f}" if base else "-"
+            ci = r.get("ratio_interval")
+            ci = f"{ci[0]:.3f}-{ci[1]:.3f}{'~' if r['within_noise'] else ' '}" if ci else "-"
+            iqr = f"{r['q25_ms']:.3f}-{r['q75_ms']:.3f}"
             mem = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
             delta = f"{r['peak_rss_delta_mb']:.0f}" if r.get("peak_rss_delta_mb") is not None else "-"
             lines.append(
-                f"{n:<{w}} {b:>5} {r['median_ms']:>10.3f} {r['p90_ms']:>9.3f} {r['min_ms']:>9.3f} "
-                f"{r['throughput_per_s']:>10.1f} {ratio:>13} {mem:>8} {delta:>6}"
+                f"{n:<{w}} {b:>5} {r['median_ms']:>10.3f} {iqr:>15} {r['p90_ms']:>9.3f} {r['min_ms']:>9.3f} "
+                f"{r['throughput_per_s']:>10.1f} {ratio:>13} {ci:>16} {mem:>8} {delta:>6}"
             )
     d, s = result["device"], result["settings"]
     lines.append("")
     lines.append(
         f"device: {d['cpu_model']} ({d['usable_cpus']} of {d['logical_cpus']} logical CPUs usable), "
-        f"onnxruntime {d['onnxruntime']}, providers {', '.join(s['providers'])}, threads "
-        f"{s['threads'] or 'ort default'}, graph optimisation {s['opt_level']}, "
+        f"onnxruntime {d['onnxruntime']}, providers {', '.join(s['providers'])}, threads intra-op "
+        f"{s['intra_op_threads']}, inter-op {s['inter_op_threads']}, graph optimisation {s['opt_level']}, "
         f"{s['runs']} runs after {s['warmup']} warm-up, interleaved"
     )
+    lines.append(f"noise interval: {s['ratio_interval']}; ~ marks a difference within noise "
+                 "(the interval contains 1)")
     if any(r.get("peak_rss_mb") is not None for r in result["results"]):
         lines.append("peak MB: peak resident memory of a child process running the model alone; "
                      "+MB: its increase over the process with onnxruntime imported")
@@ -286,13 +335,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--names", nargs="+", help="labels of the models (default: file stems)")
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (default: 1)")
     p.add_argument("--threads", type=int, default=0,
-                   help="intra-op threads (default 0: onnxruntime's choice, all physical cores)")
+                   help="intra-op threads (default 0: the physical cores this process may use, set "
+                        "explicitly); inter-op threads are 1")
     p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
                    help="execution providers in priority order (default: CPUExecutionProvider)")
     p.add_argument("--opt-level", choices=list(OPT_LEVELS), default="all",
                    help="onnxruntime graph optimisation level (default: all)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per model and batch (default 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed runs before the timed rounds of each block (default 10)")
+    p.add_argument("--blocks", type=int, default=BLOCKS,
+                   help=f"split the rounds into this many blocks, each with fresh sessions (default {BLOCKS})")
+    p.add_argument("--noise-floor", type=float, default=NOISE_FLOOR,
+                   help="widen the ratio's bootstrap interval by this on each side (default 0.05)")
     p.add_argument("--shape", nargs="+", type=int, help="input shape without batch, for symbolic dims")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--mem-runs", type=int, default=3, help="runs in each memory child (default 3)")
@@ -300,8 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.runs < 1 or args.warmup < 0 or args.threads < 0:
-        p.error("--runs must be >= 1, --warmup and --threads >= 0")
+    if args.runs < 1 or args.blocks < 1 or args.warmup < 0 or args.threads < 0 or args.noise_floor < 0:
+        p.error("--runs and --blocks must be >= 1, --warmup, --threads and --noise-floor >= 0")
     if any(b < 1 for b in args.batch):
         p.error("batch sizes must be >= 1")
     if args.names and len(args.names) != len(args.models):
@@ -322,6 +377,7 @@ def run(args: argparse.Namespace) -> dict:
     if len(set(names)) != len(names):
         raise BenchError(f"model labels must differ, got {names}; pass --names")
     script = str(Path(__file__).resolve())
+    args.threads = args.threads or physical_cores()  # pinned: never left to onnxruntime
     models = []
     for path, name in zip(args.models, names):
         models.append({"name": name, "path": str(path), "sha256": sha256_file(path),
@@ -338,25 +394,39 @@ def run(args: argparse.Namespace) -> dict:
                         "type": i.type} for i in s.get_inputs()]
     rows = []
     t_start = time.perf_counter()
+    del sessions  # each block of rounds gets fresh ones
     for b in args.batch:
-        feeds = [make_feed(s, b, args.shape) for s in sessions]
-        times = time_interleaved(sessions, feeds, args.runs, args.warmup)
-        for m, f, t in zip(models, feeds, times):
+        blocks = []  # per block, per model: the times of its rounds
+        for k, n in enumerate(np.diff(np.linspace(0, args.runs, min(args.blocks, args.runs) + 1).astype(int))):
+            order = [(k + j) % len(models) for j in range(len(models))]  # who is created first rotates
+            made = {i: make_session(models[i]["path"], args.threads, args.providers, args.opt_level) for i in order}
+            sessions = [made[i] for i in range(len(models))]
+            feeds = [make_feed(s, b, args.shape) for s in sessions]
+            blocks.append(time_interleaved(sessions, feeds, int(n), args.warmup))
+            del sessions, made
+        times = [[x for blk in blocks for x in blk[i]] for i in range(len(models))]
+        for i, (m, f, t) in enumerate(zip(models, feeds, times)):
             if f is None:
                 continue
-            row = {"model": m["name"], "batch": b, **stats(b, t)}
+            ref = times[0] if feeds[0] is not None else None  # the first model, timed in the same rounds
+            ci = (ratio_interval([blk[0] for blk in blocks], [blk[i] for blk in blocks], args.noise_floor)
+                  if ref and i > 0 else None)
+            row = {"model": m["name"], "batch": b, **stats(b, t),
+                   "ratio_to_first": percentile(t, 50) / percentile(ref, 50) if ref else None,
+                   "ratio_interval": ci, "within_noise": ci[0] <= 1.0 <= ci[1] if ci else None}
             row.update(memory.get((m["name"], b), {"peak_rss_mb": None, "peak_rss_delta_mb": None}))
             rows.append(row)
-    ref = models[0]["name"]
-    for r in rows:
-        base = next((x for x in rows if x["model"] == ref and x["batch"] == r["batch"]), None)
-        r["ratio_to_first"] = r["median_ms"] / base["median_ms"] if base else None
     return {
         "tool": "ort_bench", "tool_version": TOOL_VERSION,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(),
         "settings": {
             "batches": args.batch, "runs": args.runs, "warmup": args.warmup, "threads": args.threads,
+            "intra_op_threads": args.threads, "inter_op_threads": INTER_OP_THREADS,
+            "blocks": min(args.blocks, args.runs), "noise_floor": args.noise_floor,
+            "ratio_interval": f"{CI_LEVEL:.0%} bootstrap interval of the ratio of medians ({CI_RESAMPLES} "
+                              f"resamples of the {min(args.blocks, args.runs)} blocks of fresh sessions, then of "
+                              f"their rounds, in pairs), widened by {args.noise_floor:g} on each side",
             "providers": args.providers, "opt_level": args.opt_level,
             "opt_level_ort": OPT_LEVELS[args.opt_level], "interleaved": True,
             "memory": "child process ru_maxrss" if not args.no_memory else None,
@@ -381,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)  # a reader never sees half a file
     return 0
 
 

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.set_defaults(func=cmd_train)
     for name, helptext in (("prune", "remove layers of RUN_DIR/sparse.pt → pruned.pt, prune.json"),
-                           ("finetune", "fine-tune RUN_DIR/pruned.pt in place"),
-                           ("fuse", "fuse pruned.pt → fused.pt (and sparse.pt → fused_unpruned.pt)")):
+                           ("finetune", "fine-tune RUN_DIR/pruned.pt → finetuned.pt"),
+                           ("fuse", "fuse finetuned.pt (else pruned.pt) → fused.pt, sparse.pt → fused_unpruned.pt")):
         p = sub.add_parser(name, help=helptext)
         _add_rundir_arg(p)
         p.set_defaults(func=cmd_stage, stage=name)

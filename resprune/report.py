@@ -9,8 +9,10 @@
 * :func:`write_report`: ``report.md``, ``report.json`` and ``plots/*.png`` from
   ``prune.json``, ``metrics.json`` and ``bench.json`` of one or several run directories.
 
-A missing input raises :class:`RunDirError`, which names the file and the stage that
-writes it; the CLI handlers print it and exit with status 2.
+All three read and write through :class:`resprune.rundir.RunDir`: a missing or out-of-date
+input raises :class:`RunDirError`, which names the file and the stage(s) to re-run; the CLI
+handlers print it and exit with status 2. Export writes its files as one set (a temporary
+folder renamed over ``onnx/``), so a failed export leaves the previous set.
 
 The CLI (``resprune/cli.py``) wires the three sub-commands with::
 
@@ -27,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -37,6 +40,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .config import ExportConfig
+from .rundir import METRICS, RunDir, RunDirError
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -46,92 +51,21 @@ __all__ = [
     "find_bench_tool", "add_export_parser", "add_bench_parser", "add_report_parser",
 ]
 
-# which stage writes which file (docs/run-dir.md)
-PRODUCER = {
-    "recipe.json": "run/train (`resprune run` or `resprune train`)",
-    "sparse.pt": "train (`resprune train`)",
-    "prune.json": "prune (`resprune prune`)",
-    "pruned.pt": "prune (`resprune prune`)",
-    "fused.pt": "fuse (`resprune fuse`)",
-    "fused_unpruned.pt": "fuse (`resprune fuse`)",
-    "onnx/unpruned.onnx": "export (`resprune export RUN_DIR`)",
-    "onnx/pruned.onnx": "export (`resprune export RUN_DIR`)",
-    "metrics.json": "every stage (`resprune run` writes it from training on)",
-    "bench.json": "bench (`resprune bench RUN_DIR`)",
-}
 ONNX_FILES = {"unpruned": ("fused_unpruned.pt", "onnx/unpruned.onnx"), "pruned": ("fused.pt", "onnx/pruned.onnx")}
-METRICS_STAGE = {"unpruned": "unpruned_fused", "pruned": "fused"}  # metrics.json stage of each file
 AFTER_STAGES = ("finetuned", "fused", "pruned")
-
-
-class RunDirError(FileNotFoundError):
-    """A run directory lacks a file a stage needs (the message names the producing stage)."""
-
-
-def require(run_dir: str | os.PathLike, rel: str, needed_by: str) -> Path:
-    """``run_dir/rel`` if it exists, else :class:`RunDirError` naming the producing stage."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory")
-    p = run_dir / rel
-    if not p.is_file():
-        raise RunDirError(
-            f"{p} is missing: `{needed_by}` needs it; it is written by the {PRODUCER.get(rel, 'an earlier')} stage"
-        )
-    return p
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}: not valid JSON ({exc}); re-run the stage that writes it") from exc
+METRIC_STAGE = {k: stage for stage, keys in METRICS.items() for k in keys}  # metrics.json entry → its stage
 
 
 # --------------------------------------------------------------------------- export
 
 
-DATASET_SIDE = {"cifar10": 32, "cifar100": 32, "mnist": 28, "digits": 16}
-
-
-def _input_size(run_dir: Path, payload: dict, given: tuple[int, ...] | None,
-                model=None, stage: str | None = None) -> tuple[int, ...]:
-    """Input shape for export, first found of: ``given``; the checkpoint's ``extra["input_size"]``;
-    ``input_size`` in metrics.json or recipe.json; the recipe's dataset (cifar 32², mnist 28²,
-    digits 16²) with the model's ``in_chans``; the square size at which ``model`` has the MACs
-    that metrics.json records for ``stage``; 32² (224² for torchvision models)."""
-    if given:
-        return tuple(int(v) for v in given)
-    extra = payload.get("extra") or {}
-    if extra.get("input_size"):
-        return tuple(int(v) for v in extra["input_size"])
-    docs = {}
-    for name in ("metrics.json", "recipe.json"):
-        try:
-            docs[name] = json.loads((run_dir / name).read_text())
-        except (OSError, json.JSONDecodeError):
-            docs[name] = {}
-    for doc in docs.values():
-        for sec in (doc, doc.get("export"), doc.get("data"), doc.get("model")):
-            if isinstance(sec, dict) and sec.get("input_size"):
-                return tuple(int(v) for v in sec["input_size"])
-    arch = payload.get("arch", {})
-    chans = int(arch.get("kwargs", {}).get("in_chans", 3))
-    data = docs["recipe.json"].get("data")
-    side = DATASET_SIDE.get(data.get("dataset")) if isinstance(data, dict) else None
-    if side is None and model is not None and stage:
-        # no recipe: the size at which the model's MACs equal those metrics.json recorded
-        macs = (docs["metrics.json"].get("stages", {}).get(stage) or {}).get("macs")
-        from .profile import profile
-
-        for s in sorted({*DATASET_SIDE.values(), 32, 64, 96, 224}) if macs else ():
-            if profile(model, (1, chans, s, s)).macs == macs:
-                side = s
-                break
-    if side is None:
-        side = 224 if arch.get("factory", "").startswith("resprune:tv_") else 32
-        logger.warning("export: input size unknown for %s, using %dx%d (pass --input-size)", run_dir, side, side)
-    return (1, chans, side, side)
+def _input_size(path: Path, payload: dict, given: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``given``, else the input shape every resprune checkpoint records (``extra["input_size"]``)."""
+    size = given or (payload.get("extra") or {}).get("input_size")
+    if not size:
+        raise ValueError(f"{path} does not record its input size (written by an older resprune?); "
+                         "pass --input-size N C H W")
+    return tuple(int(v) for v in size)
 
 
 def export_run_dir(
@@ -140,42 +74,48 @@ def export_run_dir(
     input_size: tuple[int, ...] | None = None,
     opset: int | None = None,
     dynamic_batch: bool = True,
-    atol: float = 1e-4,
-    rtol: float = 1e-6,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> dict[str, dict]:
-    """Export the run's fused checkpoints to verified ONNX files with sidecars.
+    """Export the run's fused checkpoints to verified ONNX files with sidecars, as one set.
+
+    Both files and sidecars are written to a temporary folder that replaces ``onnx/`` only
+    when all of them passed their checks: a failed or killed export leaves the previous set
+    (or, killed between the two renames, the export recorded as unfinished, which bench and
+    report refuse), and the next export removes what a killed one left.
 
     Args:
         run_dir: a run directory with ``fused_unpruned.pt`` and ``fused.pt``.
-        input_size: input shape with batch (default: from the checkpoint or recipe, else
-            ``(1, 3, 32, 32)``, 224² for torchvision models).
+        input_size: input shape with batch (default: the one each checkpoint records).
         opset: ONNX opset (default: the exporter's).
         dynamic_batch: symbolic batch dimension.
         atol, rtol: the onnxruntime check's tolerance on the logits, ``atol + rtol·max|logit|``
             (the relative part keeps float32 rounding of nets with huge logits, e.g. after a
             very short training run, from failing the check; 1e-6 is ~6× the rounding floor
-            measured on such a ResNet-56).
+            measured on such a ResNet-56); default: :class:`ExportConfig`'s.
 
     Returns:
         ``{"unpruned": sidecar, "pruned": sidecar}``.
     """
     from .onnx import export_onnx
-    from .serialization import load, load_payload
+    from .serialization import load_payload, model_from_payload
 
-    from .serialization import remove_stale_temp
-
-    run_dir = Path(run_dir)
-    srcs = {k: require(run_dir, ckpt, "export") for k, (ckpt, _) in ONNX_FILES.items()}
-    for f in remove_stale_temp(run_dir / "onnx"):  # a partial file of an export that was killed
-        logger.info("export: removed %s (left by an export that was killed)", f)
+    cfg = ExportConfig()
+    atol, rtol = cfg.atol if atol is None else atol, cfg.rtol if rtol is None else rtol
+    run = RunDir(run_dir)
+    srcs = {k: run.need(ckpt, "export") for k, (ckpt, _) in ONNX_FILES.items()}
+    config = {"input_size": input_size and list(input_size), "opset": opset, "dynamic_batch": dynamic_batch,
+              "atol": atol, "rtol": rtol}
     out = {}
-    for key, (_, rel) in ONNX_FILES.items():
-        payload = load_payload(srcs[key])
-        model = load(srcs[key])
-        size = _input_size(run_dir, payload, input_size, model, METRICS_STAGE[key])
-        out[key] = export_onnx(model, run_dir / rel, size, dynamic_batch, opset, source=srcs[key],
-                               atol=atol, rtol=rtol, metadata=(payload.get("extra") or {}).get("deploy"))
-        logger.info("export: %s → %s", srcs[key], run_dir / rel)
+    with run.writing("export", config, inputs=[ckpt for ckpt, _ in ONNX_FILES.values()]), \
+            run.new_folder("onnx") as tmp:
+        for key, (_, rel) in ONNX_FILES.items():
+            payload = load_payload(srcs[key])
+            size = _input_size(srcs[key], payload, input_size)
+            out[key] = export_onnx(model_from_payload(payload, srcs[key]), tmp / Path(rel).name, size, dynamic_batch,
+                                   opset, source=srcs[key], atol=atol, rtol=rtol,
+                                   metadata=(payload.get("extra") or {}).get("deploy"))
+            logger.info("export: %s → %s", srcs[key], run / rel)
     return out
 
 
@@ -197,10 +137,10 @@ def find_bench_tool(tool: str | os.PathLike | None = None) -> Path:
 def bench_run_dir(
     run_dir: str | os.PathLike,
     *,
-    batches: tuple[int, ...] | list[int] = (1, 64),
-    runs: int = 30,
-    warmup: int = 5,
-    threads: int | None = 0,
+    batches: tuple[int, ...] | list[int] | None = None,
+    runs: int | None = None,
+    warmup: int | None = None,
+    threads: int | None = None,
     providers: list[str] | None = None,
     memory: bool = True,
     tool: str | os.PathLike | None = None,
@@ -210,15 +150,20 @@ def bench_run_dir(
     """Verify the run's ONNX files and time them with ``export/ort_bench.py`` → ``bench.json``.
 
     The tool runs in a subprocess with the current Python, labels ``unpruned`` and ``pruned``
-    (the reference of the ratios is ``unpruned``); ``threads`` 0 or None lets onnxruntime
-    choose. A file without its sidecar (``.json``) cannot be checked against what was exported
-    and is refused (:class:`OnnxVerificationError`) unless ``allow_unverified``. Returns the
-    parsed ``bench.json``.
+    (the reference of the ratios is ``unpruned``); ``batches``, ``runs``, ``warmup`` and
+    ``threads`` default to :class:`ExportConfig`'s; ``threads`` 0 or None: the physical cores,
+    set explicitly and recorded by the tool. A file without its sidecar (``.json``) cannot be
+    checked against what was exported and is refused (:class:`OnnxVerificationError`) unless
+    ``allow_unverified``. Returns the parsed ``bench.json``.
     """
     from .onnx import OnnxVerificationError, sidecar_path, verify_onnx
 
-    run_dir = Path(run_dir)
-    paths = {k: require(run_dir, rel, "bench") for k, (_, rel) in ONNX_FILES.items()}
+    cfg = ExportConfig()
+    batches = cfg.bench_batches if batches is None else batches
+    runs, warmup = cfg.bench_runs if runs is None else runs, cfg.bench_warmup if warmup is None else warmup
+    threads = cfg.bench_threads if threads is None else threads
+    run = RunDir(run_dir)
+    paths = {k: run.need(rel, "bench") for k, (_, rel) in ONNX_FILES.items()}
     for p in paths.values():
         if not sidecar_path(p).is_file() and not allow_unverified:
             raise OnnxVerificationError(
@@ -226,10 +171,10 @@ def bench_run_dir(
                 "what was exported; re-export it (resprune export), or pass --allow-unverified to time it anyway")
         if not verify_onnx(p)["functional"]:
             logger.warning("bench: %s is timed unverified (no sidecar; --allow-unverified)", p)
-    out = run_dir / "bench.json"
+    tmp = run / f".bench.json.tmp-{os.getpid()}"
     cmd = [sys.executable, str(find_bench_tool(tool)), str(paths["unpruned"]), str(paths["pruned"]),
            "--names", "unpruned", "pruned", "--batch", *map(str, batches), "--runs", str(runs),
-           "--warmup", str(warmup), "--threads", str(threads or 0), "--json", str(out)]
+           "--warmup", str(warmup), "--threads", str(threads or 0), "--json", str(tmp)]
     if providers:
         cmd += ["--providers", *providers]
     if not memory:
@@ -237,10 +182,17 @@ def bench_run_dir(
     if quiet:
         cmd.append("--quiet")
     logger.info("bench: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, text=True, capture_output=quiet)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ort_bench.py failed (exit {proc.returncode}): {(proc.stderr or '').strip()}")
-    return json.loads(out.read_text())
+    try:
+        proc = subprocess.run(cmd, text=True, capture_output=quiet)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ort_bench.py failed (exit {proc.returncode}): {(proc.stderr or '').strip()}")
+        config = {"batches": list(batches), "runs": runs, "warmup": warmup, "threads": threads or 0,
+                  "providers": providers}
+        with run.writing("bench", config, inputs=[rel for _, rel in ONNX_FILES.values()]):
+            os.replace(tmp, run / "bench.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return run.read_json("bench.json")
 
 
 # --------------------------------------------------------------------------- report data
@@ -266,6 +218,18 @@ def _final_stage(stages: dict) -> str:
                 next((s for s in AFTER_STAGES if s in stages), "pruned"))
 
 
+def _bench(run: RunDir) -> dict:
+    """``bench.json``, refused when its stage is out of date or it timed other ONNX files than
+    the run's (it records their sha256: a bench.json copied back from a device is checked too)."""
+    bench = run.need_json("bench.json", "report")
+    for m in bench.get("models", []):
+        rel = f"onnx/{m.get('name')}.onnx"
+        if m.get("sha256") and run.sha256(rel) not in (None, m["sha256"]):
+            raise RunDirError(f"{run / 'bench.json'} timed another {rel} than the one in the run directory; "
+                              f"re-run `resprune bench {run.path}`")
+    return bench
+
+
 def summarize_baseline(baseline: str | float | os.PathLike | None, run_dir: Path) -> dict | None:
     """The baseline column: a run directory of the same schedule without L1 (its trained and
     final accuracy, MACs, params) or a bare accuracy figure in %. A relative directory is
@@ -280,7 +244,7 @@ def summarize_baseline(baseline: str | float | os.PathLike | None, run_dir: Path
         p = run_dir.parent / p
     if not p.is_dir():
         raise RunDirError(f"baseline run directory {baseline} does not exist (report.baseline / --baseline)")
-    stages = _read_json(require(p, "metrics.json", "report --baseline")).get("stages", {})
+    stages = RunDir(p).need_json("metrics.json", "report --baseline").get("stages", {})
     trained, final = stages.get("sparse") or {}, stages.get(_final_stage(stages)) or {}
     if trained.get("test_acc") is None:
         raise RunDirError(f"baseline {p}: metrics.json has no trained accuracy (stage 'sparse'); run it first")
@@ -297,11 +261,15 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
     ``latency=False`` reports without ``bench.json`` (no latency rows or plots).
     ``baseline``: see :func:`summarize_baseline` (default: the recipe's ``report.baseline``).
     """
-    run_dir = Path(run_dir)
-    prune = _read_json(require(run_dir, "prune.json", "report"))
-    metrics = _read_json(require(run_dir, "metrics.json", "report"))
-    bench = _read_json(require(run_dir, "bench.json", "report")) if latency else {}
+    run = RunDir(run_dir)
+    run_dir = run.path
+    prune = run.need_json("prune.json", "report")
+    metrics = run.need_json("metrics.json", "report")
     stages = metrics.get("stages", {})
+    for key in stages:  # every number shown comes from results that are current
+        if key in METRIC_STAGE:
+            run.need("metrics.json", "report", METRIC_STAGE[key])
+    bench = _bench(run) if latency else {}
     before = _stage_values(stages, "sparse")
     after = _stage_values(stages, _final_stage(stages))
     for side, key, pkey in ((before, "macs", "macs_before"), (before, "params", "params_before"),
@@ -311,15 +279,20 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
     latency: dict[str, dict] = {}
     nb, na = _pick("unpruned", bench), _pick("pruned", bench)
     rows = bench.get("results", [])
+    ref_first = nb is not None and bench["models"][0]["name"] == nb  # ort_bench's intervals are against the first
+    iqr = lambda r: [r["q25_ms"], r["q75_ms"]] if r and "q25_ms" in r else None  # noqa: E731
     for b in sorted({r["batch"] for r in rows}):
         rb = next((r for r in rows if r["model"] == nb and r["batch"] == b), None)
         ra = next((r for r in rows if r["model"] == na and r["batch"] == b), None)
         latency[str(b)] = {
             "before_ms": rb and rb["median_ms"], "after_ms": ra and ra["median_ms"],
+            "before_iqr_ms": iqr(rb), "after_iqr_ms": iqr(ra),
             "before_p90_ms": rb and rb["p90_ms"], "after_p90_ms": ra and ra["p90_ms"],
             "before_throughput": rb and rb["throughput_per_s"], "after_throughput": ra and ra["throughput_per_s"],
             "before_peak_mb": rb and rb.get("peak_rss_mb"), "after_peak_mb": ra and ra.get("peak_rss_mb"),
             "ratio": (ra["median_ms"] / rb["median_ms"]) if ra and rb else None,
+            "ratio_interval": ra.get("ratio_interval") if ra and ref_first else None,
+            "within_noise": ra.get("within_noise") if ra and ref_first else None,
         }
     scales = prune.get("scales") or {"names": [], "values": [], "threshold": None}
     units = Counter(n.split(".")[0] for n in scales.get("names", []))
@@ -365,6 +338,24 @@ def _f(v, fmt: str, na: str = "n/a") -> str:
     return na if v is None else format(v, fmt)
 
 
+def _threads(s: dict) -> str:
+    if "intra_op_threads" in s:
+        return f"{s['intra_op_threads']} intra-op, {s['inter_op_threads']} inter-op"
+    return str(s.get("threads") or "onnxruntime's default")
+
+
+def _ms(median: float | None, iqr: list[float] | None) -> str:
+    return _f(median, ".3f") + (f" ({iqr[0]:.3f}–{iqr[1]:.3f})" if iqr else "")
+
+
+def _ratio(l: dict) -> str:
+    """The latency ratio with its noise interval; *within noise* when the interval holds 1."""
+    ci = l.get("ratio_interval")
+    if not ci or l["ratio"] is None:
+        return _f(l["ratio"], ".3f")
+    return f"{l['ratio']:.3f} ({ci[0]:.3f}–{ci[1]:.3f}{', *within noise*' if l.get('within_noise') else ''})"
+
+
 def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
     b, a, L = r["before"], r["after"], r["latency"]
     lines = [f"## {r['name']}", ""]
@@ -381,8 +372,9 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
     if d:
         lines.append(
             f"latency device: {d.get('cpu_model')} ({d.get('usable_cpus')} usable CPUs), onnxruntime "
-            f"{d.get('onnxruntime')}, {', '.join(s.get('providers', []))}, threads {s.get('threads') or 'default'}, "
-            f"{s.get('runs')} interleaved runs after {s.get('warmup')} warm-up, medians"
+            f"{d.get('onnxruntime')}, {', '.join(s.get('providers', []))}, threads {_threads(s)}, "
+            f"{s.get('runs')} interleaved runs after {s.get('warmup')} warm-up, medians (interquartile range)"
+            + (f"; ratio: {s['ratio_interval']}, *within noise* when it contains 1" if s.get("ratio_interval") else "")
         )
     base = r.get("baseline")
     if base:
@@ -406,8 +398,8 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
     lines.append(f"| params (M) | {_f(b['params'] and b['params'] / 1e6, '.3f')} | "
                  f"{_f(a['params'] and a['params'] / 1e6, '.3f')} | {_f(r['ratios']['params'], '.3f')} |")
     for bs, l in sorted(L.items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| latency, batch {bs} (ms) | {_f(l['before_ms'], '.3f')} | {_f(l['after_ms'], '.3f')} | "
-                     f"{_f(l['ratio'], '.3f')} |")
+        lines.append(f"| latency, batch {bs} (ms) | {_ms(l['before_ms'], l.get('before_iqr_ms'))} | "
+                     f"{_ms(l['after_ms'], l.get('after_iqr_ms'))} | {_ratio(l)} |")
         if l.get("before_peak_mb") is not None:
             lines.append(f"| peak memory, batch {bs} (MB) | {_f(l['before_peak_mb'], '.0f')} | "
                          f"{_f(l['after_peak_mb'], '.0f')} | |")
@@ -447,8 +439,6 @@ def write_report(
     Returns:
         The ``report.json`` contents (with ``"out"``, the output directory).
     """
-    from . import plots as P
-
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     if out is None:
@@ -457,6 +447,15 @@ def write_report(
         out = run_dirs[0]
     out = Path(out)
     runs = [summarize_run(d, latency, baseline) for d in run_dirs]  # all inputs checked before anything is written
+    own = RunDir(run_dirs[0]) if len(run_dirs) == 1 and out.resolve() == Path(run_dirs[0]).resolve() else None
+    with own.writing("report", {"latency": latency}, inputs=["prune.json", "bench.json"] if latency else ["prune.json"]) \
+            if own else contextlib.nullcontext():
+        return _write_report_files(runs, out)
+
+
+def _write_report_files(runs: list[dict], out: Path) -> dict[str, Any]:
+    from . import plots as P
+
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         for i, r in enumerate(runs):
@@ -486,7 +485,7 @@ def write_report(
                + " | ".join(f"latency ratio b={b}" for b in bs_all) + " |",
                "|---|---|---:|---:|---:|---:|" + "---:|" * len(bs_all)]
         for r in runs:
-            lat = [_f(r["latency"].get(str(b), {}).get("ratio"), ".3f") for b in bs_all]
+            lat = [_ratio(r["latency"][str(b)]) if str(b) in r["latency"] else "n/a" for b in bs_all]
             md.append(f"| {r['name']} | {r['model'] or ''} | {_f(r['before']['test_acc'], '.2f')} | "
                       f"{_f(r['after']['test_acc'], '.2f')} | {_f(r['after']['macs'] and r['after']['macs'] / 1e6, '.2f')} "
                       f"| {_f(r['ratios']['macs'], '.3f')} | " + " | ".join(lat) + " |")
@@ -576,9 +575,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                    help="input shape (default: from the checkpoint/recipe, else 1 3 32 32)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, >= 18)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to N")
-    p.add_argument("--atol", type=float, default=1e-4, help="onnxruntime check: absolute tolerance on the logits")
-    p.add_argument("--rtol", type=float, default=1e-6,
-                   help="onnxruntime check: tolerance relative to the largest |logit| (added to --atol)")
+    cfg = ExportConfig()
+    p.add_argument("--atol", type=float, default=cfg.atol,
+                   help=f"onnxruntime check: absolute tolerance on the logits (default {cfg.atol:g})")
+    p.add_argument("--rtol", type=float, default=cfg.rtol,
+                   help=f"onnxruntime check: tolerance relative to the largest |logit| (added to --atol; "
+                        f"default {cfg.rtol:g})")
     p.set_defaults(func=_cmd_export)
     return p
 
@@ -593,10 +595,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "export/README.md).",
     )
     p.add_argument("run_dir", help="run directory with onnx/ (from `resprune export`)")
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 64], help="batch sizes (default: 1 64)")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per model and batch (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="warm-up runs (default 5)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    cfg = ExportConfig()
+    p.add_argument("--batch", nargs="+", type=int, default=list(cfg.bench_batches),
+                   help=f"batch sizes (default: {' '.join(map(str, cfg.bench_batches))})")
+    p.add_argument("--runs", type=int, default=cfg.bench_runs,
+                   help=f"timed runs per model and batch (default {cfg.bench_runs})")
+    p.add_argument("--warmup", type=int, default=cfg.bench_warmup, help=f"warm-up runs (default {cfg.bench_warmup})")
+    p.add_argument("--threads", type=int, default=cfg.bench_threads or 0,
+                   help="onnxruntime intra-op threads (0: the physical cores; always set explicitly and recorded)")
     p.add_argument("--providers", nargs="+", help="onnxruntime execution providers (default: CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--tool", help="path of ort_bench.py (default: the repository's export/ort_bench.py)")

@@ -29,9 +29,9 @@ def run_dir(tmp_path_factory):
 
 
 def test_run_writes_the_documented_files(run_dir, capsys):
-    for f in ("recipe.json", "checkpoints/sparse.pt", "sparse.pt", "prune.json", "pruned.pt", "fused.pt",
-              "fused_unpruned.pt", "onnx/unpruned.onnx", "onnx/pruned.onnx", "metrics.json", "bench.json",
-              "report.md", "report.json"):
+    for f in ("recipe.json", "checkpoints/sparse.pt", "sparse.pt", "prune.json", "pruned.pt", "finetuned.pt",
+              "fused.pt", "fused_unpruned.pt", "onnx/unpruned.onnx", "onnx/pruned.onnx", "metrics.json",
+              "bench.json", "report.md", "report.json", "provenance.json"):
         assert (run_dir / f).is_file(), f
     m = json.loads((run_dir / "metrics.json").read_text())["stages"]
     assert {"sparse", "pruned", "finetuned", "fused", "unpruned_fused"} <= set(m)
@@ -39,12 +39,17 @@ def test_run_writes_the_documented_files(run_dir, capsys):
     assert json.loads((run_dir / "recipe.json").read_text())["train"]["epochs"] == 2
     # a pruned model reloads without the pruning code path
     assert rp.load(run_dir / "fused.pt") is not None
+    recs = json.loads((run_dir / "provenance.json").read_text())["stages"]
+    assert all(recs[s]["state"] == "done" for s in ("train", "prune", "finetune", "fuse", "export", "bench", "report"))
+    assert recs["fuse"]["inputs"].keys() == {"sparse.pt", "finetuned.pt"}
 
 
 def test_resume_a_finished_run_does_not_retrain(run_dir, capsys):
     sparse = (run_dir / "checkpoints" / "sparse.pt").read_bytes()
+    done = {f: (run_dir / f).read_bytes() for f in ("finetuned.pt", "fused.pt", "onnx/pruned.onnx", "bench.json")}
     assert main(["-q", "run", "quickstart", "--out", str(run_dir), "--resume", *FAST]) == 0
     assert (run_dir / "checkpoints" / "sparse.pt").read_bytes() == sparse  # no epoch re-run
+    assert all((run_dir / f).read_bytes() == b for f, b in done.items())  # current results: not made again
     assert main(["run", "quickstart", "--out", str(run_dir), "--resume", *FAST, "--set", "train.lr=0.5"]) == 2
     assert "recipe differs" in capsys.readouterr().err
 

@@ -40,11 +40,12 @@ def make_run_dir(d, acc=(91.8, 91.5)):
     (d / "recipe.json").write_text(json.dumps({"model": {"name": "resnet20"}, "data": {"dataset": "cifar10"},
                                               "prune": {"threshold": 1e-2}}))
     rp.save(m, d / "sparse.pt")
-    rp.save(rp.fuse(m), d / "fused_unpruned.pt")
+    size = {"input_size": [1, 3, 32, 32]}  # every checkpoint of a run records its input size
+    rp.save(rp.fuse(m), d / "fused_unpruned.pt", extra=size)
     st = rp.scale_stats(m, threshold=1e-2)
     rep = rp.prune_(m, rp.PruneConfig(threshold=1e-2))
     rp.save(m, d / "pruned.pt")
-    rp.save(rp.fuse(m), d / "fused.pt")
+    rp.save(rp.fuse(m), d / "fused.pt", extra=size)
     prune = rep.to_dict() | {"scales": {"names": st.names, "values": st.values, "threshold": 1e-2}}
     (d / "prune.json").write_text(json.dumps(prune))
     stage = lambda a, macs, params: {"test_acc": a, "test_loss": 0.3, "macs": macs, "params": params,
@@ -86,7 +87,9 @@ def test_bench_json(run_dir):
     assert [m["name"] for m in b["models"]] == ["unpruned", "pruned"]
     assert {(r["model"], r["batch"]) for r in b["results"]} == {(m, bs) for m in ("unpruned", "pruned") for bs in (1, 4)}
     for r in b["results"]:
-        assert r["runs"] == 5 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["runs"] == 5 and 0 < r["min_ms"] <= r["q25_ms"] <= r["median_ms"] <= r["q75_ms"] <= r["p90_ms"]
+        assert (r["ratio_interval"] is None) == (r["model"] == "unpruned")
+    assert b["settings"]["intra_op_threads"] == 1 and b["settings"]["inter_op_threads"] == 1
 
 
 def test_report_files_plots_and_numbers(run_dir):
@@ -104,6 +107,13 @@ def test_report_files_plots_and_numbers(run_dir):
     assert run["model"] == "resnet20"
     assert run["acc_delta_pt"] == pytest.approx(-0.3)
     assert "| MACs (M) |" in md and "latency, batch 4" in md
+    for bs, l in run["latency"].items():  # median with its interquartile range, ratio with its noise interval
+        lo, hi = l["ratio_interval"]
+        assert l["before_iqr_ms"][0] <= l["before_ms"] <= l["before_iqr_ms"][1] and lo < l["ratio"] < hi
+        row = next(x for x in md.splitlines() if x.startswith(f"| latency, batch {bs} (ms) |"))
+        assert f"{l['before_ms']:.3f} ({l['before_iqr_ms'][0]:.3f}–{l['before_iqr_ms'][1]:.3f})" in row
+        assert f"{l['ratio']:.3f} ({lo:.3f}–{hi:.3f}" in row and ("within noise" in row) == l["within_noise"]
+    assert "1 intra-op, 1 inter-op" in md and "widened by 0.05" in md
     pngs = sorted((d / "plots").glob("*.png"))
     assert [p.name for p in pngs] == ["before_after.png", "removed_per_stage.png", "scales.png"]
     import matplotlib.image as mpimg
@@ -220,22 +230,54 @@ def test_bench_refuses_an_onnx_without_its_sidecar(run_dir, tmp_path, capsys):
     assert args.func(args) == 0 and (d2 / "bench.json").is_file()
 
 
-def test_export_after_sigterm_removes_the_partial_file(run_dir, tmp_path):
-    """SIGTERM during export leaves onnx/.unpruned.onnx.tmp-PID; the next export removes it."""
+def _onnx_set(d):
+    return {p.name: p.read_bytes() for p in sorted((d / "onnx").iterdir())}
+
+
+def test_export_that_fails_midway_keeps_the_previous_set(run_dir, tmp_path, monkeypatch):
+    """An error while exporting the second model: the four files of the previous export are
+    untouched, its record stands (bench still accepts them), no temporary file or folder is left."""
+    import resprune.onnx as ronnx
+
+    d, _ = run_dir
+    d2 = tmp_path / "fails"
+    shutil.copytree(d, d2)
+    before, real = _onnx_set(d2), ronnx.export_onnx
+
+    def fail_on_pruned(model, path, *a, **k):
+        if path.name == "pruned.onnx":
+            raise ronnx.OnnxVerificationError(f"{path}: injected failure")
+        return real(model, path, *a, **k)
+
+    monkeypatch.setattr(ronnx, "export_onnx", fail_on_pruned)
+    with pytest.raises(ronnx.OnnxVerificationError, match="injected"):
+        export_run_dir(d2)
+    assert _onnx_set(d2) == before
+    assert not [p for p in d2.rglob("*") if ".tmp-" in p.name]
+    assert json.loads((d2 / "provenance.json").read_text())["stages"]["export"]["state"] == "done"
+    assert verify_onnx(d2 / "onnx" / "pruned.onnx")["functional"]
+    write_report([d2])  # bench.json still matches the set
+
+
+def test_export_killed_midway_is_refused_until_exported_again(run_dir, tmp_path, capsys):
+    """SIGTERM while the second model is exported: onnx/ still holds the previous, matching set,
+    the export is recorded as unfinished, so bench and report refuse with one line naming
+    `resprune export`; the next export removes the temporary folder and writes a full set."""
     import os
     import subprocess
     import sys
 
     d, _ = run_dir
     d2 = tmp_path / "killed"
-    shutil.copytree(d, d2, ignore=shutil.ignore_patterns("onnx", "bench.json"))
+    shutil.copytree(d, d2)
+    before = _onnx_set(d2)
     script = (
         "import os, signal, sys\n"
         "import onnx\n"
         "from resprune.report import export_run_dir\n"
         "real = onnx.load\n"
         "def load_then_die(path, *a, **k):\n"
-        "    if '.tmp-' in str(path):  # the exporter has just written its temporary file\n"
+        "    if '/.pruned.onnx.tmp-' in str(path):  # the second file has just been written\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(path, *a, **k)\n"
         "onnx.load = load_then_die\n"
@@ -244,9 +286,15 @@ def test_export_after_sigterm_removes_the_partial_file(run_dir, tmp_path):
     res = subprocess.run([sys.executable, "-c", script, str(d2)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == -15, res.stderr[-2000:]
-    stale = list((d2 / "onnx").glob(".*.tmp-*"))
-    assert [p.name.split(".tmp-")[0] for p in stale] == [".unpruned.onnx"]
+    assert _onnx_set(d2) == before  # no mixed set
+    assert [p.name.split(".tmp-")[0] for p in d2.glob(".*.tmp-*")] == [".onnx"]
+    for argv in (["bench", str(d2)], ["report", str(d2)]):
+        args = _cli().parse_args(argv)
+        assert args.func(args) == 2
+        err = capsys.readouterr().err
+        assert "`export` did not finish" in err and f"re-run `resprune export {d2}`" in err and err.count("\n") == 1
     export_run_dir(d2)
+    assert not list(d2.glob(".*.tmp-*"))
     assert sorted(p.name for p in (d2 / "onnx").iterdir()) == ["pruned.json", "pruned.onnx", "unpruned.json",
                                                               "unpruned.onnx"]
     assert verify_onnx(d2 / "onnx" / "unpruned.onnx")["functional"]
@@ -264,3 +312,25 @@ def test_report_says_what_to_change_when_nothing_was_removed(run_dir, tmp_path):
     assert "largest removed |s|" not in md
     assert "Nothing was removed (threshold |s| < 0.01). To remove layers, train with a larger L1 weight" in md
     assert "train.epochs" in md
+
+
+def test_report_says_within_noise(run_dir, tmp_path):
+    """A ratio whose noise interval contains 1 (as for two identical files) is reported as
+    within noise; an older bench.json without spread fields is reported as before."""
+    d, _ = run_dir
+    d2 = tmp_path / "noise"
+    shutil.copytree(d, d2, ignore=shutil.ignore_patterns("plots", "report.*"))
+    b = json.loads((d2 / "bench.json").read_text())
+    for r in b["results"]:
+        if r["model"] == "pruned":
+            r.update(ratio_interval=[0.93, 1.06], within_noise=True)
+    (d2 / "bench.json").write_text(json.dumps(b))
+    write_report([d2])
+    rows = [x for x in (d2 / "report.md").read_text().splitlines() if x.startswith("| latency, batch")]
+    assert len(rows) == 2 and all("(0.930–1.060, *within noise*)" in x for x in rows)
+    for r in b["results"]:
+        for k in ("q25_ms", "q75_ms", "ratio_interval", "within_noise"):
+            r.pop(k, None)
+    (d2 / "bench.json").write_text(json.dumps(b))
+    lat = write_report([d2])["runs"][0]["latency"]["1"]
+    assert lat["ratio_interval"] is None and lat["before_iqr_ms"] is None and lat["ratio"] > 0
