@@ -10,6 +10,7 @@ Example:
     40551040
 """
 
+from .errors import ResPruneError
 from .fuse import fuse, fuse_
 from .layers import ConvBN2d, OptionAShortcut, ResConv2d
 from .models import (
@@ -30,7 +31,7 @@ __all__ = [
     "register_model", "convert_", "conversion_plan", "LayerScaleL1", "LayerSmoothness", "RegularizerSum",
     "scale_stats",
     "PruneConfig", "PruneReport", "prune_", "fuse", "fuse_", "profile", "Profile",
-    "save", "load", "save_program", "load_program", "CheckpointError", "export_onnx", "verify_onnx",
+    "save", "load", "save_program", "load_program", "ResPruneError", "CheckpointError", "export_onnx", "verify_onnx",
 ]
 
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ResPruneError
+
 __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "PruneStageConfig", "ExportConfig", "ReportConfig", "Recipe",
     "RecipeError", "load_recipe", "recipe_from_dict", "apply_overrides", "recipe_dirs", "list_recipes",
@@ -29,7 +31,7 @@ __all__ = [
 CONFIG_VERSION = 1
 
 
-class RecipeError(ValueError):
+class RecipeError(ResPruneError, ValueError):
     """A recipe file or override that does not make sense."""
 
 

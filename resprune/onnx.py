@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ResPruneError
 from .fuse import fuse
 from .layers import ConvBN2d, OptionAShortcut, ResConv2d, channel_offset
 from .models.convert import set_submodule
@@ -75,7 +76,7 @@ FINGERPRINT_SEED = 0
 FINGERPRINT_BATCH = 2
 
 
-class OnnxVerificationError(RuntimeError):
+class OnnxVerificationError(ResPruneError, RuntimeError):
     """An ONNX file that is unreadable, invalid, or does not compute what it should."""
 
 

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import ResPruneError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunDir", "RunDirError", "STAGES", "OUTPUTS", "producer", "stage_config"]
@@ -53,7 +55,7 @@ CONFIG = {"train": ("model", "data", "train", "engine", "nproc", "engine_options
 PROVENANCE = "provenance.json"
 
 
-class RunDirError(FileNotFoundError):
+class RunDirError(ResPruneError, FileNotFoundError):
     """A run directory lacks a file a stage needs, or holds one that is out of date (the
     message names the stage(s) to re-run)."""
 

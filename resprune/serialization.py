@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ResPruneError
 from .fuse import fuse_
 from .models import convert_, create_model
 from .prune import remove_units_
@@ -57,7 +58,7 @@ FORMAT = "resprune-model"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ResPruneError, RuntimeError):
     """A file that is not a readable resprune checkpoint.
 
     The message is one line; torch's text about ``weights_only`` (which suggests loading the

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ResPruneError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ArrayDataset", "DatasetNotFound", "DataError", "load_arrays", "check_data", "DATASETS",
@@ -48,11 +50,11 @@ IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "digits": 10}  # of the named data sets
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(ResPruneError, FileNotFoundError):
     """No usable copy of the data set where we looked."""
 
 
-class DataError(ValueError):
+class DataError(ResPruneError, ValueError):
     """Data that is there but wrong: unreadable files, mismatched counts, bad labels."""
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ResPruneError
 from ..config import TrainConfig
 from ..data import DeviceLoader
 from ..parallel.engines import load_optimizer_state_by_name, optimizer_state_by_name
@@ -59,7 +60,7 @@ CHECK_EVERY = 50  # steps between NaN checks (each one waits for the device)
 RECALIBRATE_BATCHES = 32  # training batches used to re-estimate BN statistics (engines with inexact ones)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(ResPruneError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
