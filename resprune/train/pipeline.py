@@ -105,31 +105,13 @@ def engine_config(recipe: Recipe, input_size: tuple[int, ...] | None = None):
     """The engine's config object from ``recipe.engine_options`` (``None`` for engines without
     one); bad names, keys or values raise :class:`RecipeError` naming them, so a run fails
     before any process starts or any file is written."""
-    from dataclasses import fields
-
     from ..config import RecipeError
-    from ..parallel import MGRITConfig, list_engines
+    from ..parallel import engine_config as build
 
-    if recipe.engine not in list_engines():
-        raise RecipeError(f"engine={recipe.engine!r} is unknown; known: {', '.join(list_engines())}")
-    if recipe.engine != "mgrit":
-        if recipe.engine_options:
-            raise RecipeError(f"engine_options {sorted(recipe.engine_options)} given, but engine "
-                              f"{recipe.engine!r} takes none")
-        return None
-    opts = dict(recipe.engine_options)
-    valid = {f.name for f in fields(MGRITConfig)}
-    unknown = sorted(set(opts) - valid)
-    if unknown:
-        raise RecipeError(f"unknown engine_options key(s) {', '.join(unknown)} for engine 'mgrit'; "
-                          f"valid: {', '.join(sorted(valid))}")
-    if input_size is not None:
-        opts.setdefault("input_size", tuple(input_size))
-    opts["input_size"] = tuple(opts.get("input_size", (1, 3, 32, 32)))
     try:
-        return MGRITConfig(**opts)
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"engine_options: {exc}") from exc
+        return build(recipe.engine, recipe.engine_options, input_size)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
 
 
 def make_engine(model: torch.nn.Module, recipe: Recipe, input_size: tuple[int, ...] | None = None,
