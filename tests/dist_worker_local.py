@@ -22,7 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import resprune as rp
-from resprune.parallel import LocalConfig, create_engine, init_distributed
+from resprune.parallel import LocalConfig, create_engine
+
+from helpers import RankChecks, run_rank
 
 N_CHECKS = 4
 STEPS = 60
@@ -44,15 +46,8 @@ def task(seed: int = 3):
 
 
 def main() -> int:
-    rank, world, _, _ = init_distributed(timeout_s=120)
-    torch.set_num_threads(1)
-    failures: list[str] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        if rank == 0:
-            print(f"RESULT {'PASS' if ok else 'FAIL'} P={world} {name}: {detail}", flush=True)
-        if not ok:
-            failures.append(name)
+    check = RankChecks()
+    rank = check.rank
 
     torch.manual_seed(0)
     base = rp.create_model("resconv_chain", num_classes=4, depth=8, width=8, horizon=1.0)
@@ -106,10 +101,8 @@ def main() -> int:
               f"{st['sent_bytes']} B in its last step; phases {sorted(st['times_s'])}")
     else:
         check("stats and memory", True, "")
-    return 1 if failures else 0
+    return check.exit_code
 
 
 if __name__ == "__main__":
-    from helpers import run_rank
-
     run_rank(main)

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import resprune as rp
-from resprune.parallel import MGRITConfig, create_engine, init_distributed
+from resprune.parallel import MGRITConfig, create_engine
+
+from helpers import RankChecks, run_rank
 
 TOL = 1e-5
 
@@ -62,15 +64,8 @@ def sgd(p):
 
 
 def main() -> int:
-    rank, world, _, _ = init_distributed(timeout_s=120)
-    torch.set_num_threads(1)
-    failures: list[str] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        if rank == 0:
-            print(f"RESULT {'PASS' if ok else 'FAIL'} P={world} {name}: {detail}", flush=True)
-        if not ok:
-            failures.append(name)
+    check = RankChecks()
+    rank, world = check.rank, check.world
 
     reg = rp.LayerScaleL1(1e-3)
     # ---- 1. converged mode on resnet20 ------------------------------------------------------
@@ -181,10 +176,8 @@ def main() -> int:
     check("simultaneous training", ok,
           f"loss {first:.3f} -> serial {end_s:.3f}, mgrit {end_m:.3f} (last 5 of {steps} steps; "
           f"serial {t1 - t0:.1f}s, mgrit {t2 - t1:.1f}s on an oversubscribed CPU)")
-    return 1 if failures else 0
+    return check.exit_code
 
 
 if __name__ == "__main__":
-    from helpers import run_rank
-
     run_rank(main)

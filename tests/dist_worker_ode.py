@@ -7,31 +7,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import RankChecks, run_rank  # noqa: E402
 from ode_checks import run_checks  # noqa: E402
-from resprune.parallel import init_distributed  # noqa: E402
 from resprune.parallel.comm import DistComm  # noqa: E402
 
 
 def main() -> int:
-    rank, world, _, _ = init_distributed(timeout_s=120)
-    torch.set_num_threads(1)
-    failures: list[str] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        if rank == 0:
-            print(f"RESULT {'PASS' if ok else 'FAIL'} P={world} {name}: {detail}", flush=True)
-        if not ok:
-            failures.append(name)
-
+    check = RankChecks()
     run_checks(DistComm(), check)
-    return 1 if failures else 0
+    return check.exit_code
 
 
 if __name__ == "__main__":
-    from helpers import run_rank
-
     run_rank(main)

@@ -22,9 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import resprune as rp
-from resprune.parallel import PipelineConfig, create_engine, init_distributed
+from resprune.parallel import PipelineConfig, create_engine
 from resprune.parallel.pipeline import microbatched_step, schedule_order
 from resprune.sparsity import LayerSmoothness, RegularizerSum
+
+from helpers import RankChecks, run_rank
 
 N_CHECKS = 9
 
@@ -80,15 +82,8 @@ def state_error(eng, ser) -> float:
 
 
 def main() -> int:
-    rank, world, _, _ = init_distributed(timeout_s=120)
-    torch.set_num_threads(1)
-    failures: list[str] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        if rank == 0:
-            print(f"RESULT {'PASS' if ok else 'FAIL'} P={world} {name}: {detail}", flush=True)
-        if not ok:
-            failures.append(name)
+    check = RankChecks()
+    rank, world = check.rank, check.world
 
     torch.manual_seed(0)
     base = rp.create_model("resnet20").double()  # BasicBlocks with BN, option-A shortcuts
@@ -163,10 +158,8 @@ def main() -> int:
     perr = worst_over_ranks(max(abs(lp - lr) / lr, *(rel(p.grad, gr[n].grad) for n, p in pe.local_named_parameters())))
     check("prune_ and repartition", len(report.removed) == 3 and perr <= 1e-10,
           f"removed {len(report.removed)}, bounds {info['bounds_before']} -> {info['bounds_after']}, error {perr:.1e}")
-    return 1 if failures else 0
+    return check.exit_code
 
 
 if __name__ == "__main__":
-    from helpers import run_rank
-
     run_rank(main)

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 import resprune as rp
 from resprune.config import TrainConfig
 from resprune.data import ArrayDataset, DeviceLoader, load_arrays
-from resprune.parallel import MGRITConfig, create_engine, init_distributed
+from resprune.parallel import MGRITConfig, create_engine
 from resprune.train import Trainer, param_groups
+
+from helpers import RankChecks, run_rank
 
 TOL = 1e-12
 EPOCHS = 4
@@ -98,15 +100,8 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def main() -> int:
-    rank, world, _, _ = init_distributed(timeout_s=120)
-    torch.set_num_threads(1)
-    failures: list[str] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        if rank == 0:
-            print(f"RESULT {'PASS' if ok else 'FAIL'} P={world} {name}: {detail}", flush=True)
-        if not ok:
-            failures.append(name)
+    check = RankChecks()
+    rank, world = check.rank, check.world
 
     box = [tempfile.mkdtemp(prefix="resume-") if rank == 0 else None]
     dist.broadcast_object_list(box, 0)
@@ -152,10 +147,8 @@ def main() -> int:
         dist.barrier()
         if rank == 0:
             shutil.rmtree(root, ignore_errors=True)
-    return 1 if failures else 0
+    return check.exit_code
 
 
 if __name__ == "__main__":
-    from helpers import run_rank
-
     run_rank(main)

@@ -43,6 +43,30 @@ def count_convs_run(model: nn.Module, x: torch.Tensor) -> int:
     return n[0]
 
 
+class RankChecks:
+    """The set-up and bookkeeping every torchrun test worker shares: ``init_distributed``
+    (gloo on CPU), one intra-op thread, and ``check(name, ok, detail)`` printing one
+    ``RESULT PASS|FAIL P=world name: detail`` line on rank 0 (what the tests parse).
+    ``exit_code`` is 1 when any check failed on this rank."""
+
+    def __init__(self, timeout_s: int = 120) -> None:
+        from resprune.parallel import init_distributed
+
+        self.rank, self.world, _, _ = init_distributed(timeout_s=timeout_s)
+        torch.set_num_threads(1)
+        self.failures: list[str] = []
+
+    def __call__(self, name: str, ok: bool, detail: str) -> None:
+        if self.rank == 0:
+            print(f"RESULT {'PASS' if ok else 'FAIL'} P={self.world} {name}: {detail}", flush=True)
+        if not ok:
+            self.failures.append(name)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+
 def run_rank(main) -> None:
     """The ``__main__`` of a torchrun worker: exit code from what ``main`` did (an exception
     is 1), then ``finalize`` (flush, destroy the process group, ``os._exit``: gloo's exit
