@@ -41,3 +41,17 @@ def test_readme_recipe_reference_names_every_field():
     names |= {f"`{f.name}`" for f in fields(Recipe) if f.name not in SECTIONS}
     missing = sorted(n for n in names if n not in ref)
     assert not missing, f"README recipe reference lacks {missing}"
+
+
+def test_guarantees_name_tests_that_exist():
+    """Every `tests/test_x.py[::name]` the README's Guarantees section names exists."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Guarantees"):]
+    section = section[:section.index("\n## ", 1)]
+    named = re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", section)
+    assert len(named) >= 15
+    for file, name in named:
+        path = ROOT / "tests" / file
+        assert path.is_file(), file
+        if name:
+            assert re.search(rf"^def {name}\(", path.read_text(), re.M), f"{file}::{name}"
