@@ -21,7 +21,7 @@ def test_readme_python_example_runs():
 @pytest.mark.parametrize("mod", [
     "resprune", "resprune.layers", "resprune.models.registry", "resprune.models.convert",
     "resprune.sparsity", "resprune.prune", "resprune.fuse", "resprune.profile",
-    "resprune.serialization", "resprune.config", "resprune.data.loader", "resprune.rundir",
+    "resprune.serialization", "resprune.config", "resprune.data.loader", "resprune.rundir", "resprune.util",
 ])
 def test_docstring_examples(mod):
     m = importlib.import_module(mod)
