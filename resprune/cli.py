@@ -302,7 +302,7 @@ def _print_summary(run) -> None:
 
     rows.append(fmt(m.get("sparse", {}).get("test_acc"), acc_after, "test accuracy (%)"))
     rows.append(fmt(before.get("macs"), after.get("macs"), "MACs (M)", 1e6))
-    rows.append(fmt(before.get("params"), after.get("params"), "params (M)", 1e6, 4))
+    rows.append(fmt(before.get("params"), after.get("params"), "params (M, fused)", 1e6, 3))
     rows.append(fmt(lat.get("unpruned"), lat.get("pruned"), "latency bs=1 (ms, ORT)", 1.0, 3))
     pr = m.get("pruned", {})
     print(f"\nresprune run: {run.path}")

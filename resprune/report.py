@@ -251,7 +251,8 @@ def summarize_baseline(baseline: str | float | os.PathLike | None, run_dir: Path
     epochs = (trained.get("epochs") or 0) + ((stages.get("finetuned") or {}).get("epochs") or 0)
     return {"source": "run", "run_dir": str(p), "name": p.resolve().name, "trained_acc": trained["test_acc"],
             "final_acc": final.get("test_acc"), "macs": final.get("macs") or trained.get("macs"),
-            "params": final.get("params") or trained.get("params"), "epochs": epochs}
+            "params": (stages.get("fused") or {}).get("params") or final.get("params") or trained.get("params"),
+            "epochs": epochs}
 
 
 def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
@@ -276,6 +277,9 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
                             (after, "macs", "macs_after"), (after, "params", "params_after")):
         if side[key] is None:
             side[key] = prune.get(pkey)
+    for side, fused in ((before, "unpruned_fused"), (after, "fused")):  # params of what is deployed
+        if (stages.get(fused) or {}).get("params") is not None:
+            side["params"] = stages[fused]["params"]
     latency: dict[str, dict] = {}
     nb, na = _pick("unpruned", bench), _pick("pruned", bench)
     rows = bench.get("results", [])
@@ -395,7 +399,7 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
                  f"{_f(delta, '+.2f')} pt |")
     lines.append(f"| MACs (M) | {_f(b['macs'] and b['macs'] / 1e6, '.2f')} | {_f(a['macs'] and a['macs'] / 1e6, '.2f')} "
                  f"| {_f(r['ratios']['macs'], '.3f')} |")
-    lines.append(f"| params (M) | {_f(b['params'] and b['params'] / 1e6, '.3f')} | "
+    lines.append(f"| params (M, fused) | {_f(b['params'] and b['params'] / 1e6, '.3f')} | "
                  f"{_f(a['params'] and a['params'] / 1e6, '.3f')} | {_f(r['ratios']['params'], '.3f')} |")
     for bs, l in sorted(L.items(), key=lambda kv: int(kv[0])):
         lines.append(f"| latency, batch {bs} (ms) | {_ms(l['before_ms'], l.get('before_iqr_ms'))} | "

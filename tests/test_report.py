@@ -334,3 +334,18 @@ def test_report_says_within_noise(run_dir, tmp_path):
     (d2 / "bench.json").write_text(json.dumps(b))
     lat = write_report([d2])["runs"][0]["latency"]["1"]
     assert lat["ratio_interval"] is None and lat["before_iqr_ms"] is None and lat["ratio"] > 0
+
+
+def test_params_are_the_fused_models(run_dir, tmp_path):
+    """The report's params row (and the baseline's) are those of the fused models, the ones
+    exported, when metrics.json has them: README, report and terminal show one figure."""
+    d, rep = run_dir
+    run = tmp_path / "fused-params"
+    shutil.copytree(d, run)
+    m = json.loads((run / "metrics.json").read_text())
+    m["stages"]["unpruned_fused"] = {"test_acc": 90.0, "macs": rep.macs_before, "params": 111_000}
+    m["stages"]["fused"] = {"test_acc": 91.0, "macs": rep.macs_after, "params": 55_000}
+    (run / "metrics.json").write_text(json.dumps(m))
+    r = write_report([run], tmp_path / "out", baseline=str(run))["runs"][0]
+    assert (r["before"]["params"], r["after"]["params"], r["baseline"]["params"]) == (111_000, 55_000, 55_000)
+    assert "| params (M, fused) | 0.111 | 0.055 |" in (tmp_path / "out" / "report.md").read_text()
