@@ -14,7 +14,10 @@ Example:
     >>> import torch, resprune as rp
     >>> m = rp.ResConv2d(16, 32, 3, stride=2).eval()
     >>> x = torch.rand(2, 16, 8, 8)
-    >>> conv = m.fuse()
+    >>> deploy = m.fuse()  # Conv2d → ReLU, what rp.fuse puts in the layer's place
+    >>> torch.allclose(deploy(x), m(x), atol=1e-5)
+    True
+    >>> conv = m.fused_conv()  # the conv alone, before the activation
     >>> torch.allclose(torch.relu(conv(x)), m(x), atol=1e-5)
     True
 """
@@ -37,10 +40,15 @@ def channel_offset(in_channels: int, out_channels: int) -> int:
     return (out_channels - in_channels) // 2
 
 
-def option_a(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
-    """Strided subsampling plus zero channel padding (or symmetric cropping)."""
+def option_a(x: torch.Tensor, out_channels: int, stride: int, pool: bool = False) -> torch.Tensor:
+    """Strided subsampling plus zero channel padding (or symmetric cropping).
+
+    ``pool=True`` subsamples with ``max_pool2d(kernel_size=1, stride=stride)`` instead of the
+    strided slice: the same pixels ``(i·stride, j·stride)`` (a max over one element is that
+    element), which the ONNX exporter writes as one ``MaxPool`` node (:mod:`resprune.onnx`).
+    """
     if stride > 1:
-        x = x[:, :, ::stride, ::stride]
+        x = F.max_pool2d(x, kernel_size=1, stride=stride) if pool else x[:, :, ::stride, ::stride]
     c_in = x.shape[1]
     if c_in == out_channels:
         return x
@@ -159,9 +167,15 @@ class ConvBN2d(nn.Module):
         c = self.conv.bias if self.conv.bias is not None else 0.0
         return w, shift + c * t
 
-    def fuse(self) -> nn.Conv2d:
-        """One nn.Conv2d equal to the eval-mode conv+BN (the activation is not included)."""
+    def fused_conv(self) -> nn.Conv2d:
+        """One nn.Conv2d equal to the eval-mode layer before its activation."""
         return _make_conv(self.conv, *self.equivalent_kernel_bias())
+
+    def fuse(self) -> nn.Module:
+        """The deploy form that :func:`resprune.fuse` puts in this layer's place:
+        :meth:`fused_conv`, followed by a ReLU when the layer has one (``act=True``)."""
+        conv = self.fused_conv()
+        return nn.Sequential(conv, nn.ReLU()) if self.act else conv
 
 
 class ResConv2d(ConvBN2d):

@@ -17,14 +17,15 @@ max pool with stride 2 picks exactly the pixels ``(2i, 2j)``, so it is bit-exact
 instead of the two ``Slice`` nodes the exporter writes for the strided slice, and costs no
 MACs (a 1×1 Dirac conv would also be exact but adds C_in·C_out MACs per pixel).
 
-Exporter: ``torch.onnx.export(..., dynamo=True)``. Measured on this project's CPU machine
-(torch 2.14.1, fused pruned ResNet-56, 2 shared cores): the TorchScript exporter takes
-0.2–0.3 s but is deprecated (DeprecationWarning, TracerWarnings on the option-A code) and
-writes each channel pad as a 7-node ConstantOfShape/Concat/Reshape/Slice/Transpose/Cast/Pad
-subgraph (plus 16–62 Constant nodes) that even ``onnxscript.optimizer`` leaves in place; the
-dynamo exporter takes 3.5–10 s (mostly torch.export tracing) and writes the clean graph
-above, single-file with ``external_data=False``. Export runs once per model, so the cleaner,
-supported graph wins over the seconds.
+Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export tracing, a few seconds per
+model), saved as one file with ``external_data=False``; it writes the graph above, each
+option-A channel pad as a single ``Pad`` node.
+
+The check (:func:`export_onnx`, :func:`verify_onnx`) accepts a max absolute logit difference
+up to ``atol + rtol·max|logit|`` (defaults :data:`DEFAULT_ATOL` = 1e-4 and
+:data:`DEFAULT_RTOL` = 1e-6; fp32 rounding grows with the logits: randomly initialised BN
+statistics give logits of ~100 and differences of ~1e-4) and a top-1 class that differs
+only on samples whose top-2 margin is at most twice that tolerance.
 
 Example:
     >>> import resprune as rp  # doctest: +SKIP
@@ -52,26 +53,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ResPruneError
 from .fuse import fuse
-from .layers import ConvBN2d, OptionAShortcut, ResConv2d, channel_offset
-from .models.convert import set_submodule
+from .layers import ConvBN2d, OptionAShortcut, ResConv2d, option_a
 from .profile import profile
+from .util import atomic_write, training_mode
 from .version import __version__
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "OnnxVerificationError", "export_onnx", "verify_onnx", "sidecar_path", "sha256_file",
-    "fingerprint_input", "DEFAULT_ATOL",
+    "fingerprint_input", "DEFAULT_ATOL", "DEFAULT_RTOL",
 ]
 
 SIDECAR_FORMAT = "resprune-onnx-sidecar"
 SIDECAR_VERSION = 1
-DEFAULT_ATOL = 1e-4  # max |onnxruntime − torch| on the logits, fp32
+DEFAULT_ATOL = 1e-4  # max |onnxruntime − torch| on the logits (fp32) ≤ DEFAULT_ATOL + DEFAULT_RTOL·max|logit|
+DEFAULT_RTOL = 1e-6
 FINGERPRINT_SEED = 0
 FINGERPRINT_BATCH = 2
 
@@ -104,27 +105,14 @@ def fingerprint_input(input_shape: tuple[int, ...], batch: int = FINGERPRINT_BAT
     return rng.standard_normal((batch, *input_shape[1:])).astype(np.float32)
 
 
-class _OptionAExport(nn.Module):
-    """Option-A shortcut in export-friendly form: 1×1 strided max pool + constant channel pad.
-
-    Bit-exact with :class:`resprune.layers.OptionAShortcut`: a max over one element is that
-    element, and the pad amounts are Python constants, so the graph gets one ``MaxPool`` and
-    one ``Pad`` node (a channel crop, never built by resprune's models, becomes a ``Slice``).
-    """
-
-    def __init__(self, m: OptionAShortcut) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.stride = m.in_channels, m.out_channels, m.stride
+class _OptionAExport(OptionAShortcut):
+    """Option-A shortcut in export-friendly form: 1×1 strided max pool + constant channel pad
+    (:func:`resprune.layers.option_a` with ``pool=True``), bit-exact with
+    :class:`~resprune.layers.OptionAShortcut`. The graph gets one ``MaxPool`` and one ``Pad``
+    node (a channel crop, never built by resprune's models, becomes a ``Slice``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = F.max_pool2d(x, kernel_size=1, stride=self.stride)
-        off = channel_offset(self.in_channels, self.out_channels)
-        if off > 0 or self.out_channels > self.in_channels:
-            return F.pad(x, (0, 0, 0, 0, off, self.out_channels - self.in_channels - off))
-        if off < 0:
-            return x[:, -off : -off + self.out_channels]
-        return x
+        return option_a(x, self.out_channels, self.stride, pool=True)
 
 
 @contextlib.contextmanager
@@ -161,10 +149,10 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
                        ", ".join(left))
     deploy = deploy.to(device="cpu", dtype=torch.float32).eval()
     if isinstance(deploy, OptionAShortcut):
-        return _OptionAExport(deploy)
+        return _OptionAExport(deploy.in_channels, deploy.out_channels, deploy.stride)
     for name, m in list(deploy.named_modules()):
         if isinstance(m, OptionAShortcut):
-            set_submodule(deploy, name, _OptionAExport(m))
+            deploy.set_submodule(name, _OptionAExport(m.in_channels, m.out_channels, m.stride))
     return deploy
 
 
@@ -218,12 +206,10 @@ def _compare(ref: np.ndarray, got: np.ndarray, atol: float, what: str) -> tuple[
 def _check_against_torch(model: nn.Module, sess, input_shape: tuple[int, ...], batches: list[int],
                          atol: float, rtol: float, what: str) -> dict:
     g = torch.Generator().manual_seed(1234)
-    was_training = model.training
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
     worst, flips, n, scale = 0.0, 0, 0, 0.0
-    try:
+    with training_mode(model, False):
         for b in batches:
             x = torch.randn((b, *input_shape[1:]), generator=g)
             with torch.no_grad():
@@ -232,8 +218,6 @@ def _check_against_torch(model: nn.Module, sess, input_shape: tuple[int, ...], b
             got = _run(sess, x.numpy())
             d, f = _compare(ref, got, atol + rtol * scale, what)
             worst, flips, n = max(worst, d), flips + f, n + b
-    finally:
-        model.train(was_training)
     tol = atol + rtol * scale
     if worst > tol or flips:
         hint = (f" (relative to max |logit| {scale:.3g}: {worst / scale:.2g}; for large logits pass rtol=)"
@@ -250,20 +234,79 @@ def _check_against_torch(model: nn.Module, sess, input_shape: tuple[int, ...], b
 # --------------------------------------------------------------------------- export
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    input_size: tuple[int, ...] = (1, 3, 32, 32),
-    dynamic_batch: bool = True,
-    opset: int | None = None,
-    *,
-    verify: bool = True,
-    source: str | os.PathLike | None = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = 0.0,
-    check_batches: tuple[int, int] = (1, 5),
-    metadata: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def _export_to(deploy: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int | None,
+               dst: Path) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``deploy`` traced on ``example``, one file at ``dst``."""
+    kwargs: dict[str, Any] = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if dynamic_batch else {}
+    with warnings.catch_warnings(), _quiet_exporter_logs():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = torch.onnx.export(
+            deploy, (example,), None, dynamo=True, opset_version=opset, verbose=False,
+            input_names=["input"], output_names=["logits"], **kwargs,
+        )
+    program.save(dst, external_data=False)
+
+
+def _checked_export(file: Path, what: Path):
+    """The exported graph at ``file``, after the full ``onnx.checker``."""
+    import onnx
+
+    proto = onnx.load(str(file))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise OnnxVerificationError(f"{what}: exported graph fails onnx.checker: {exc}") from exc
+    return proto
+
+
+def _fingerprint(sess, input_size: tuple[int, ...], dynamic_batch: bool, atol: float, rtol: float) -> dict:
+    """The sidecar's fingerprint: onnxruntime's logits for :func:`fingerprint_input`, and the
+    tolerance :func:`verify_onnx` allows on them."""
+    batch = FINGERPRINT_BATCH if dynamic_batch else input_size[0]
+    logits = _run(sess, fingerprint_input(input_size, batch))
+    return {"seed": FINGERPRINT_SEED, "batch": batch, "atol": atol + rtol * float(np.abs(logits).max()),
+            "logits": logits.tolist()}
+
+
+def _sidecar(path: Path, file: Path, proto, deploy: nn.Module, input_size: tuple[int, ...], dynamic_batch: bool,
+             check: dict | None, fingerprint: dict, source, metadata: dict | None) -> dict[str, Any]:
+    """The sidecar of the ONNX file ``file`` (about to become ``path``)."""
+    prof = profile(deploy, (1, *input_size[1:]))
+    info: dict[str, Any] = {
+        "format": SIDECAR_FORMAT,
+        "format_version": SIDECAR_VERSION,
+        "onnx_file": path.name,
+        "onnx_sha256": sha256_file(file),
+        "onnx_bytes": file.stat().st_size,
+        "input_name": "input",
+        "output_name": "logits",
+        "input_shape": ["batch" if dynamic_batch else input_size[0], *input_size[1:]],
+        "dynamic_batch": dynamic_batch,
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "op_types": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
+        "macs_per_sample": prof.macs,
+        "params": prof.params,
+        "versions": _versions(),
+        "source": None,
+        "check": check,
+        "fingerprint": fingerprint,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if source is not None:
+        info["source"] = {"path": str(source), "sha256": sha256_file(source)}
+    clash = set(metadata or {}) & set(info)
+    if clash:
+        raise ValueError(f"export_onnx: metadata key(s) {sorted(clash)} would overwrite the sidecar's own")
+    info.update(metadata or {})
+    return info
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (1, 3, 32, 32),
+                dynamic_batch: bool = True, opset: int | None = None, *, verify: bool = True,
+                source: str | os.PathLike | None = None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                check_batches: tuple[int, int] = (1, 5), metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``model`` to one self-contained ONNX file and check it with onnxruntime.
 
     A model that still holds ResConv2d, ConvBN2d or BatchNorm layers is fused first, on a
@@ -273,12 +316,8 @@ def export_onnx(
 
     Checks: ``onnx.checker`` (full), then onnxruntime (CPU) against the given model in eval
     mode on random normal inputs of two batch sizes (``check_batches``; with
-    ``dynamic_batch=False`` two draws of the fixed batch). It fails with
-    :class:`OnnxVerificationError` when the max absolute logit difference exceeds
-    ``tol = atol + rtol·max|logit|`` (default: ``1e-4`` absolute) or when the top-1 class
-    differs on a sample whose top-2 margin exceeds ``2·tol`` (a flip below that margin is
-    within the tolerance). ``rtol`` is for nets with large logits (fp32 rounding grows with
-    them: randomly initialised BN statistics give logits of ~100 and differences of ~1e-4).
+    ``dynamic_batch=False`` two draws of the fixed batch), with the tolerance and top-1 rule
+    of the module docstring; a failure is an :class:`OnnxVerificationError`.
 
     Args:
         model: the model to export (fused or not).
@@ -299,75 +338,20 @@ def export_onnx(
     Returns:
         The sidecar contents (also written to ``<path>.json``).
     """
-    import onnx
-
-    path = Path(path)
-    input_size = tuple(int(v) for v in input_size)
+    path, input_size = Path(path), tuple(int(v) for v in input_size)
     deploy = _deploy_copy(model)
     example = torch.zeros((max(2, input_size[0]) if dynamic_batch else input_size[0], *input_size[1:]))
-    kwargs: dict[str, Any] = {}
-    if dynamic_batch:
-        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with warnings.catch_warnings(), _quiet_exporter_logs():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            program = torch.onnx.export(
-                deploy, (example,), None, dynamo=True, opset_version=opset, verbose=False,
-                input_names=["input"], output_names=["logits"], **kwargs,
-            )
-        program.save(tmp, external_data=False)
-        proto = onnx.load(str(tmp))
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as exc:
-            raise OnnxVerificationError(f"{path}: exported graph fails onnx.checker: {exc}") from exc
+    with atomic_write(path) as tmp:
+        _export_to(deploy, example, dynamic_batch, opset, tmp)
+        proto = _checked_export(tmp, path)
         sess = _session(tmp)
-        ops = dict(sorted(Counter(n.op_type for n in proto.graph.node).items()))
         check = None
         if verify:
             batches = list(check_batches) if dynamic_batch else [input_size[0]] * 2
             check = _check_against_torch(model, sess, input_size, batches, atol, rtol, str(path))
-        fp_batch = FINGERPRINT_BATCH if dynamic_batch else input_size[0]
-        fp_logits = _run(sess, fingerprint_input(input_size, fp_batch))
-        prof = profile(deploy, (1, *input_size[1:]))
-        info: dict[str, Any] = {
-            "format": SIDECAR_FORMAT,
-            "format_version": SIDECAR_VERSION,
-            "onnx_file": path.name,
-            "onnx_sha256": sha256_file(tmp),
-            "onnx_bytes": tmp.stat().st_size,
-            "input_name": "input",
-            "output_name": "logits",
-            "input_shape": ["batch" if dynamic_batch else input_size[0], *input_size[1:]],
-            "dynamic_batch": dynamic_batch,
-            "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "op_types": ops,
-            "macs_per_sample": prof.macs,
-            "params": prof.params,
-            "versions": _versions(),
-            "source": None,
-            "check": check,
-            "fingerprint": {"seed": FINGERPRINT_SEED, "batch": fp_batch,
-                            "atol": atol + rtol * float(np.abs(fp_logits).max()),
-                            "logits": fp_logits.tolist()},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        if source is not None:
-            info["source"] = {"path": str(source), "sha256": sha256_file(source)}
-        clash = set(metadata or {}) & set(info)
-        if clash:
-            raise ValueError(f"export_onnx: metadata key(s) {sorted(clash)} would overwrite the sidecar's own")
-        info.update(metadata or {})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    side = sidecar_path(path)
-    side.write_text(json.dumps(info, indent=1) + "\n")
+        fingerprint = _fingerprint(sess, input_size, dynamic_batch, atol, rtol)
+        info = _sidecar(path, tmp, proto, deploy, input_size, dynamic_batch, check, fingerprint, source, metadata)
+    sidecar_path(path).write_text(json.dumps(info, indent=1) + "\n")
     logger.info("export_onnx: %s (%d bytes, opset %s, max |diff| %s)", path, info["onnx_bytes"],
                 info["opset"], check and f"{check['max_abs_diff']:.2g}")
     return info
@@ -384,12 +368,77 @@ def _load_model_arg(model: nn.Module | str | os.PathLike) -> nn.Module:
     return load(model)
 
 
+def _read_onnx(path: Path):
+    """The ONNX graph at ``path`` after the full ``onnx.checker`` (verify steps 1)."""
+    import onnx
+
+    if not path.is_file():
+        raise OnnxVerificationError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:
+        raise OnnxVerificationError(f"{path}: not a readable ONNX model (truncated or corrupt?): {exc}") from exc
+    if not proto.graph.node:
+        raise OnnxVerificationError(f"{path}: not a readable ONNX model (empty graph; truncated or corrupt?)")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise OnnxVerificationError(f"{path}: invalid ONNX model (onnx.checker): {exc}") from exc
+    return proto
+
+
+def _read_sidecar(path: Path, sha256: str) -> dict:
+    """The sidecar of ``path``, checked to be resprune's and to record the file's ``sha256``."""
+    side = sidecar_path(path)
+    try:
+        info = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise OnnxVerificationError(f"{side}: sidecar is not valid JSON: {exc}") from exc
+    if info.get("format") != SIDECAR_FORMAT:
+        raise OnnxVerificationError(f"{side}: not a resprune ONNX sidecar (format {info.get('format')!r})")
+    if info.get("onnx_sha256") != sha256:
+        raise OnnxVerificationError(
+            f"{path}: sha256 {sha256[:16]}… differs from the one recorded at export in "
+            f"{side.name} ({str(info.get('onnx_sha256'))[:16]}…): the file was modified or replaced "
+            "after export; re-export it (resprune export) instead of trusting it"
+        )
+    return info
+
+
+def _check_fingerprint(path: Path, sess, info: dict, atol: float) -> dict:
+    """onnxruntime reproduces the sidecar's fingerprint logits within its tolerance."""
+    fp = info["fingerprint"]
+    shape = [fp["batch"], *info["input_shape"][1:]]
+    got = _run(sess, fingerprint_input(tuple(shape), fp["batch"], fp["seed"]))
+    ref = np.asarray(fp["logits"], dtype=np.float32)
+    tol = float(fp.get("atol", atol))
+    diff, flips = _compare(ref, got, tol, str(path))
+    if diff > tol or flips:
+        raise OnnxVerificationError(
+            f"{path}: onnxruntime output on the fingerprint input differs from the logits recorded "
+            f"at export by {diff:.3g} (tolerance {tol:g}, top-1 disagreements {flips})"
+        )
+    return {"path": str(sidecar_path(path)), "fingerprint_max_abs_diff": diff}
+
+
+def _check_model(path: Path, sess, model: nn.Module, info: dict | None, atol: float, rtol: float) -> dict:
+    """onnxruntime agrees with ``model`` on random inputs (input shape from the sidecar, else the graph)."""
+    inp = sess.get_inputs()[0]
+    shape = tuple(info["input_shape"]) if info else None
+    if shape is None:
+        if any(not isinstance(d, int) for d in inp.shape[1:]):
+            raise OnnxVerificationError(f"{path}: input shape {inp.shape} is not static; a sidecar is needed")
+        shape = (1, *inp.shape[1:])
+    batches = [1, 5] if not isinstance(inp.shape[0], int) else [inp.shape[0]] * 2
+    return _check_against_torch(model, sess, (1, *shape[1:]), batches, atol, rtol, str(path))
+
+
 def verify_onnx(
     path: str | os.PathLike,
     model: nn.Module | str | os.PathLike | None = None,
     *,
     atol: float = DEFAULT_ATOL,
-    rtol: float = 0.0,
+    rtol: float = DEFAULT_RTOL,
     use_sidecar: bool = True,
 ) -> dict[str, Any]:
     """Check that an ONNX file is intact and computes what it should; raise if not.
@@ -410,63 +459,18 @@ def verify_onnx(
     Returns:
         A dict with what was checked.
     """
-    import onnx
-
     path = Path(path)
-    if not path.is_file():
-        raise OnnxVerificationError(f"{path}: no such ONNX file")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:
-        raise OnnxVerificationError(f"{path}: not a readable ONNX model (truncated or corrupt?): {exc}") from exc
-    if not proto.graph.node:
-        raise OnnxVerificationError(f"{path}: not a readable ONNX model (empty graph; truncated or corrupt?)")
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as exc:
-        raise OnnxVerificationError(f"{path}: invalid ONNX model (onnx.checker): {exc}") from exc
+    _read_onnx(path)
     sess = _session(path)
     result: dict[str, Any] = {"path": str(path), "sha256": sha256_file(path), "checker": True,
                               "sidecar": None, "model_check": None, "functional": False}
-    side = sidecar_path(path)
     info = None
-    if use_sidecar and side.is_file():
-        try:
-            info = json.loads(side.read_text())
-        except json.JSONDecodeError as exc:
-            raise OnnxVerificationError(f"{side}: sidecar is not valid JSON: {exc}") from exc
-        if info.get("format") != SIDECAR_FORMAT:
-            raise OnnxVerificationError(f"{side}: not a resprune ONNX sidecar (format {info.get('format')!r})")
-        if info.get("onnx_sha256") != result["sha256"]:
-            raise OnnxVerificationError(
-                f"{path}: sha256 {result['sha256'][:16]}… differs from the one recorded at export in "
-                f"{side.name} ({str(info.get('onnx_sha256'))[:16]}…): the file was modified or replaced "
-                "after export; re-export it (resprune export) instead of trusting it"
-            )
-        fp = info["fingerprint"]
-        shape = [fp["batch"], *info["input_shape"][1:]]
-        got = _run(sess, fingerprint_input(tuple(shape), fp["batch"], fp["seed"]))
-        ref = np.asarray(fp["logits"], dtype=np.float32)
-        tol = float(fp.get("atol", atol))
-        diff, flips = _compare(ref, got, tol, str(path))
-        if diff > tol or flips:
-            raise OnnxVerificationError(
-                f"{path}: onnxruntime output on the fingerprint input differs from the logits recorded "
-                f"at export by {diff:.3g} (tolerance {tol:g}, top-1 disagreements {flips})"
-            )
-        result["sidecar"] = {"path": str(side), "fingerprint_max_abs_diff": diff}
+    if use_sidecar and sidecar_path(path).is_file():
+        info = _read_sidecar(path, result["sha256"])
+        result["sidecar"] = _check_fingerprint(path, sess, info, atol)
         result["functional"] = True
     if model is not None:
-        m = _load_model_arg(model)
-        shape = tuple(info["input_shape"]) if info else None
-        if shape is None:
-            dims = sess.get_inputs()[0].shape
-            if any(not isinstance(d, int) for d in dims[1:]):
-                raise OnnxVerificationError(f"{path}: input shape {dims} is not static; a sidecar is needed")
-            shape = (1, *dims[1:])
-        dynamic = not isinstance(sess.get_inputs()[0].shape[0], int)
-        batches = [1, 5] if dynamic else [sess.get_inputs()[0].shape[0]] * 2
-        result["model_check"] = _check_against_torch(m, sess, (1, *shape[1:]), batches, atol, rtol, str(path))
+        result["model_check"] = _check_model(path, sess, _load_model_arg(model), info, atol, rtol)
         result["functional"] = True
     if not result["functional"]:
         logger.warning("verify_onnx: %s has no sidecar and no model was given; only its structure "

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .layers import ConvBN2d, ResConv2d
-from .models.convert import set_submodule
+from .models.arch import ArchRecord
 from .profile import profile
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,6 @@ class RemovalUnit:
     scale: float
     layers: list[str]  # conv-bearing modules that disappear with the unit
     stage: str
-    gate: bool
     macs: int = 0
 
 
@@ -164,11 +163,6 @@ class RemovedLayer(nn.Identity):
         return x.clone() if self.training and torch.is_grad_enabled() else x
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
-    pname, _, child = name.rpartition(".")
-    return (model.get_submodule(pname) if pname else model), pname, child
-
-
 def _conv_layers(module: nn.Module, prefix: str) -> list[str]:
     """Names of the conv-bearing layers (ResConv2d, ConvBN2d, bare Conv2d) in ``module``."""
     out = []
@@ -188,12 +182,13 @@ def removal_units(model: nn.Module) -> list[RemovalUnit]:
             continue
         stage = name.split(".")[0]
         if m.shortcut:
-            units.append(RemovalUnit(name, float(m.scale.detach()), [name], stage, False))
+            units.append(RemovalUnit(name, float(m.scale.detach()), [name], stage))
             continue
-        parent, pname, _ = _parent(model, name)
+        pname = name.rpartition(".")[0]
+        parent = model.get_submodule(pname)
         if not hasattr(parent, "without_branch") or not pname:
             continue  # a gate outside a known block cannot be removed on its own
-        units.append(RemovalUnit(name, float(m.scale.detach()), _conv_layers(parent, pname), stage, True))
+        units.append(RemovalUnit(name, float(m.scale.detach()), _conv_layers(parent, pname), stage))
     return units
 
 
@@ -204,6 +199,8 @@ def remove_units_(model: nn.Module, names: list[str]) -> nn.Module:
     ``layer1.3`` is still ``layer1.3`` after ``layer1.2`` is gone and state-dict keys of the
     remaining layers do not move.
     """
+    record = ArchRecord.of(model) if names else None
+    edit = record.edit_before(model) if record is not None else None
     targets: list[tuple[str, nn.Module | None]] = []
     gates = [n for n in names if not model.get_submodule(n).shortcut]
     for n in gates:  # whole branches first
@@ -218,7 +215,7 @@ def remove_units_(model: nn.Module, names: list[str]) -> nn.Module:
         pname, _, child = tname.rpartition(".")
         by_parent.setdefault(pname, {})[child] = repl
     for pname, children in by_parent.items():
-        parent = model.get_submodule(pname) if pname else model
+        parent = model.get_submodule(pname)
         if isinstance(parent, nn.Sequential):
             kept = [(k, children.get(k, v)) for k, v in parent.named_children()]
             new = nn.Sequential()
@@ -226,7 +223,7 @@ def remove_units_(model: nn.Module, names: list[str]) -> nn.Module:
                 if v is not None:
                     new.add_module(k, v)
             if pname:
-                set_submodule(model, pname, new)
+                model.set_submodule(pname, new)
             else:
                 raise ValueError("cannot remove layers from a model that is itself a Sequential")
         else:
@@ -234,9 +231,8 @@ def remove_units_(model: nn.Module, names: list[str]) -> nn.Module:
                 # resprune's own blocks (without_branch) have no in-place ops: no copy needed
                 keep = nn.Identity() if hasattr(parent, "without_branch") else RemovedLayer()
                 setattr(parent, child, repl if repl is not None else keep)
-    arch = getattr(model, "resprune_arch", None)
-    if arch is not None and names:
-        arch["ops"].append(["remove", list(names)])
+    if record is not None:
+        record.append(model, ["remove", list(names)], edit)
     return model
 
 

@@ -3,8 +3,11 @@
 
 The architecture is the recipe that rebuilds the module tree: the registry factory and its
 arguments, then the structural operations applied since (``convert``, ``remove`` with the
-removed unit names, ``fuse``). Loading replays them on a fresh model and loads the weights
-strictly, so a pruned or fused model reloads without the code or config that pruned it.
+removed unit names, ``fuse``), kept as ``model.resprune_arch``
+(:class:`~resprune.models.arch.ArchRecord`). Saving checks the record against the module
+and refuses a module changed by hand since its last recorded operation; loading replays the
+operations on a fresh model and loads the weights strictly, so a pruned or fused model
+reloads without the code or config that pruned it.
 The file is a plain ``torch.save`` dict of tensors, strings and numbers that loads with
 ``torch.load(weights_only=True)``. A model of your own (not from the registry: factory
 ``"user"``, recorded from :func:`resprune.convert_` on) reloads the same way onto a fresh
@@ -29,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import pickle
@@ -45,7 +47,9 @@ from torch import nn
 from .errors import ResPruneError
 from .fuse import fuse_
 from .models import convert_, create_model
+from .models.arch import ArchRecord
 from .prune import remove_units_
+from .util import atomic_write, training_mode
 from .version import __version__
 
 __all__ = [
@@ -130,67 +134,80 @@ def _alive(pid: int) -> bool:
 
 
 def build_from_arch(arch: dict, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the module tree an architecture record describes (random weights): the
+    """Rebuild the module tree an architecture record (the dict of
+    :meth:`~resprune.models.arch.ArchRecord.to_dict`) describes, with random weights: the
     registry factory's model, or ``model`` (a fresh instance of the user's class, as it was
     before :func:`resprune.convert_`), then the recorded operations replayed on it."""
-    factory = arch.get("factory", "")
+    try:
+        rec = ArchRecord.from_dict(arch)
+    except ValueError as exc:
+        raise CheckpointError(f"the architecture record does not describe a model resprune can build: {exc}") from exc
     if model is not None:
-        model.resprune_arch = {**copy.deepcopy(arch), "ops": []}  # the replay records the ops again
-    elif factory == "user":
+        ArchRecord.attach(model, rec.factory, rec.kwargs, rec.user_class)  # the replay records the ops again
+    elif rec.factory == "user":
         raise CheckpointError(
-            f"it holds a model of your own ({arch.get('class', 'class not recorded')}), which resprune does "
+            f"it holds a model of your own ({rec.user_class or 'class not recorded'}), which resprune does "
             "not build: pass a fresh instance, resprune.load(path, model=YourNet(...)) (docs/own-model.md)")
     else:
-        src, _, name = factory.partition(":")
+        src, _, name = rec.factory.partition(":")
         if src != "resprune" or not name:
-            raise CheckpointError(f"unknown architecture factory {factory!r}")
-        model = create_model(name, **arch.get("kwargs", {}))
-    for op in arch.get("ops", []):
+            raise CheckpointError(f"unknown architecture factory {rec.factory!r}")
+        model = create_model(name, **rec.kwargs)
+    for op in rec.ops:
         if op[0] == "convert":
             convert_(model)
         elif op[0] == "remove":
             remove_units_(model, list(op[1]))
-        elif op[0] == "fuse":
+        else:  # "fuse" (from_dict admits no other)
             fuse_(model)
-        else:
-            raise CheckpointError(f"unknown architecture operation {op[0]!r}")
     return model
 
 
 def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
     """Write ``model`` (architecture + weights, plus optional ``extra`` plain data) to ``path``.
 
-    The write is atomic: a temporary file next to ``path`` is renamed over it.
+    The write is atomic: a temporary file next to ``path`` is renamed over it. A model changed
+    by hand since its last recorded operation is refused (:class:`CheckpointError`, see
+    :func:`model_payload`).
     """
     atomic_save(model_payload(model, extra), path)
 
 
 def model_payload(model: nn.Module, extra: dict[str, Any] | None = None) -> dict:
-    """The dict :func:`save` writes: format marker, architecture record, weights, extra."""
-    arch = getattr(model, "resprune_arch", None)
-    if arch is None:
+    """The dict :func:`save` writes: format marker, architecture record, weights, extra.
+
+    The record is checked against ``model`` first (:meth:`~resprune.models.arch.ArchRecord.problem`):
+    a module changed by hand (a layer replaced, added or deleted outside ``convert_``,
+    ``prune_`` and ``fuse_``) is a :class:`CheckpointError` naming the first difference, since
+    :func:`load` could not rebuild it.
+    """
+    record = ArchRecord.of(model)
+    if record is None:
         raise ValueError(
             "this model carries no architecture record: resprune neither built nor converted it. Build it "
             "with resprune.create_model, or call resprune.convert_ on it before pruning and fusing "
             "(then resprune.load(path, model=YourNet()) reloads it); save_program needs no record"
         )
+    problem = record.problem(model)
+    if problem is not None:
+        raise CheckpointError(
+            f"cannot save {type(model).__name__}: {problem}, so resprune.load could not rebuild it; change "
+            "structure with convert_, prune_ or fuse_ only, or save the weights alone (torch.save(model.state_dict()))")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "resprune_version": __version__,
-        "arch": copy.deepcopy(arch),
+        "arch": record.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``
+    (:func:`resprune.util.atomic_write`: on an error the temporary file is removed)."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -275,22 +292,11 @@ def save_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[in
     shape = (max(2, input_size[0]), *input_size[1:]) if dynamic_batch else tuple(input_size)  # 1 would specialise
     x = torch.randn(*shape, device=like.device, dtype=like.dtype)
     dyn = ({0: torch.export.Dim("batch", min=1, max=PROGRAM_MAX_BATCH)},) if dynamic_batch else None
-    was = model.training
-    model.eval()
-    try:
+    with training_mode(model, False):
         ep = torch.export.export(model, (x,), dynamic_shapes=dyn)
-    finally:
-        model.train(was)
     ep.example_inputs = None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.export.save(ep, f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.export.save(ep, f)
 
 
 def check_program(path: str | os.PathLike) -> None:

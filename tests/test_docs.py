@@ -19,7 +19,7 @@ def test_readme_python_example_runs():
 
 
 @pytest.mark.parametrize("mod", [
-    "resprune", "resprune.layers", "resprune.models.registry", "resprune.models.convert",
+    "resprune", "resprune.layers", "resprune.models.registry", "resprune.models.convert", "resprune.models.arch",
     "resprune.sparsity", "resprune.prune", "resprune.fuse", "resprune.profile",
     "resprune.serialization", "resprune.config", "resprune.data.loader", "resprune.rundir", "resprune.util",
 ])

@@ -1,4 +1,5 @@
-"""ResConv2d: shapes, shortcut, fusion exactness (float32 ≤ 1e-5, float64 ≤ 1e-10 relative)."""
+"""ResConv2d: shapes, shortcut, fusion exactness (float32 ≤ 1e-5, float64 ≤ 1e-10 relative),
+including Conv → BatchNorm2d pairs folded by ``fuse`` outside any ResConv2d."""
 
 import pytest
 import torch
@@ -21,12 +22,16 @@ def test_resconv_fuses_exactly(c_in, c_out, k, stride, act, shortcut, bias, dtyp
     m = randomize_(rp.ResConv2d(c_in, c_out, k, stride, act=act, shortcut=shortcut, bias=bias)).to(dtype).eval()
     x = torch.rand(3, c_in, 11, 10, dtype=dtype)  # odd sizes exercise strided alignment
     y = m(x)
-    conv = m.fuse()
+    conv = m.fused_conv()
     assert isinstance(conv, nn.Conv2d)
     z = conv(x)
     z = torch.relu(z) if act else z
     assert y.shape == z.shape
     assert rel_err(z, y) <= tol
+    deploy = m.fuse()  # the drop-in replacement rp.fuse puts in the layer's place
+    assert isinstance(deploy, nn.Sequential if act else nn.Conv2d)
+    assert not any(isinstance(t, (nn.BatchNorm2d, rp.ResConv2d)) for t in deploy.modules())
+    assert rel_err(deploy(x), y) <= tol
 
 
 def test_option_a_shortcut_at_zero_scale():
@@ -67,3 +72,19 @@ def test_equivalent_kernel_bias_is_differentiable():
 def test_bad_arguments(bad):
     with pytest.raises(ValueError):
         rp.ResConv2d(4, 4, **bad)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_leftover_conv_bn_pairs_fold_exactly(bias, dtype, tol):
+    """Conv → BN pairs that were never converted (random BN statistics) are folded into one
+    conv each; the fused conv's parameters stay trainable, the bias included."""
+    torch.manual_seed(0)
+    m = randomize_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 6, 1, stride=2, bias=bias), nn.BatchNorm2d(6)), seed=4).to(dtype).eval()
+    x = torch.randn(2, 3, 9, 10, dtype=dtype)
+    d = rp.fuse(m)
+    assert not any(isinstance(t, nn.BatchNorm2d) for t in d.modules())
+    assert sum(isinstance(t, nn.Conv2d) for t in d.modules()) == 2
+    assert all(p.requires_grad and p.dtype == dtype for p in d.parameters())
+    assert rel_err(d(x), m(x)) <= tol

@@ -71,6 +71,8 @@ def test_pruned_fused_resnet20_matches_onnxruntime(r20):
     fused, path, info = r20
     assert_equivalent(path, fused, (3, 32, 32))
     assert info["check"]["max_abs_diff"] <= ATOL and info["check"]["batch_sizes"] == [1, 5]
+    assert (info["check"]["atol"], info["check"]["rtol"]) == (1e-4, 1e-6)  # the defaults
+    assert (rp.onnx.DEFAULT_ATOL, rp.onnx.DEFAULT_RTOL) == (1e-4, 1e-6)
     assert info["macs_per_sample"] == rp.profile(fused).macs
     assert info["params"] == sum(p.numel() for p in fused.parameters())
     assert info["input_shape"] == ["batch", 3, 32, 32] and info["opset"] >= 18
@@ -188,4 +190,4 @@ def test_option_a_export_module_is_exact():
     x = torch.randn(3, 16, 9, 9)
     for cin, cout, s in ((16, 32, 2), (16, 16, 2), (16, 8, 1), (16, 32, 3)):
         ref = rp.OptionAShortcut(cin, cout, s)(x)
-        assert torch.equal(_OptionAExport(rp.OptionAShortcut(cin, cout, s))(x), ref)
+        assert torch.equal(_OptionAExport(cin, cout, s)(x), ref)

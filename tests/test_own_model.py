@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import randomize_
+from helpers import randomize_, rel_err
 from torch import nn
 
 import resprune as rp
@@ -58,9 +58,9 @@ def _roundtrip(model: nn.Module, tmp_path: Path, name: str) -> None:
 def test_torchvision_resnet18_pruned_and_fused_both_ways(tmp_path):
     torch.manual_seed(0)
     pruned, fused = _convert_prune_fuse(_resnet18())
-    assert pruned.resprune_arch == {"factory": "user", "class": "torchvision.models.resnet.ResNet", "kwargs": {},
-                                    "ops": [["convert"], ["remove", list(GONE)]]}
-    assert fused.resprune_arch["ops"][-1] == ["fuse"]  # fuse() recorded on the copy only
+    assert pruned.resprune_arch.to_dict() == {"factory": "user", "class": "torchvision.models.resnet.ResNet",
+                                              "kwargs": {}, "ops": [["convert"], ["remove", list(GONE)]]}
+    assert fused.resprune_arch.ops[-1] == ["fuse"]  # fuse() recorded on the copy only
     _roundtrip(pruned, tmp_path, "pruned")
     _roundtrip(fused, tmp_path, "fused")
     raw = torch.load(tmp_path / "fused.pt", weights_only=True)
@@ -115,6 +115,72 @@ def test_wrong_constructor_is_a_checkpoint_error(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="convert_"):
         rp.save(_resnet18(), tmp_path / "plain.pt")  # resprune never touched it: nothing recorded
+
+
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_save_refuses_a_hand_edited_model(tmp_path, when):
+    """A conv replaced by hand after ``convert_`` is not in the record: ``rp.load`` could not
+    rebuild the module, so ``rp.save`` refuses it in one line naming the module, whether the
+    edit came after the last recorded operation or before one (here: before ``prune_``)."""
+    m = rp.convert_(_resnet18())
+    m.layer2[0].conv1 = nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False)  # a plain conv again
+    if when == "before":
+        with torch.no_grad():
+            m.layer1[1].conv1.scale.zero_()
+        rp.prune_(m.eval(), rp.PruneConfig(threshold=1e-2))
+    op = "'convert'" if when == "after" else "'remove'"
+    with pytest.raises(rp.CheckpointError, match=rf"cannot save ResNet: the module was changed outside resprune "
+                       rf"{when} the recorded {op} operation \(module 'layer2\.0\.conv1' is a Conv2d, the record "
+                       r"has a ResConv2d\)") as e:
+        rp.save(m, tmp_path / "m.pt")
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+class ScaledResidual(nn.Module):
+    """A block of your own that resprune does not know: ``relu(a·conv(x) + x)``, with a
+    ``fuse()`` method returning its deploy form (the shortcut as a Dirac kernel)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.a = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.a * self.conv(x) + x)
+
+    def fuse(self) -> nn.Module:
+        c = self.conv.in_channels
+        conv = nn.Conv2d(c, c, 3, padding=1).to(self.conv.weight)
+        with torch.no_grad():
+            conv.weight.copy_(self.a * self.conv.weight + rp.layers.dirac_kernel(c, c, 3).to(self.conv.weight))
+            conv.bias.copy_(self.a * self.conv.bias)
+        return nn.Sequential(conv, nn.ReLU())
+
+
+def _net_with_own_blocks() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), ScaledResidual(8),
+                         nn.Sequential(ScaledResidual(8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_block_of_your_own_with_a_fuse_method(tmp_path, dtype, tol):
+    """``rp.fuse`` replaces any module with a ``fuse()`` method (nested ones too) by what it
+    returns, next to the ResConv2d layers: the fused net is plain convs (max relative
+    difference ≤ 1e-5 in float32, ≤ 1e-10 in float64), and save/load replays the fusion."""
+    torch.manual_seed(0)
+    m = randomize_(rp.convert_(_net_with_own_blocks()), seed=6).to(dtype).eval()
+    x = torch.randn(3, 3, 10, 9, dtype=dtype)
+    d = rp.fuse(m)
+    assert not any(isinstance(t, (ScaledResidual, rp.ResConv2d, nn.BatchNorm2d)) for t in d.modules())
+    assert sum(isinstance(t, nn.Conv2d) for t in d.modules()) == 4
+    with torch.no_grad():
+        assert rel_err(d(x), m(x)) <= tol
+    assert d.resprune_arch.ops == [["convert"], ["fuse"]]
+    rp.save(d, tmp_path / "d.pt")
+    back = rp.load(tmp_path / "d.pt", model=_net_with_own_blocks()).eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), d(x))
 
 
 # ----------------------------------------------------------------------------- programs
@@ -242,7 +308,7 @@ def test_entry_point_factory(tmp_path, monkeypatch):
     recipe.write_text('[model]\nname = "tiny_plugin_net"\nkwargs = {width = 4}\n')
     assert load_recipe(str(recipe)).model.name == "tiny_plugin_net"
     m = randomize_(rp.create_model("tiny_plugin_net", width=4))
-    assert m.resprune_arch["factory"] == "resprune:tiny_plugin_net"
+    assert m.resprune_arch.factory == "resprune:tiny_plugin_net"
     with torch.no_grad():
         m[3][0].scale.zero_()
     rp.prune_(m, rp.PruneConfig(threshold=1e-2, min_layers_per_stage=0))

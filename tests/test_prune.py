@@ -1,6 +1,7 @@
 """prune_: exact structural removal, budgets, errors; profile leaves models untouched; save/load."""
 
 import copy
+from collections import Counter, OrderedDict
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 import resprune as rp
 from helpers import count_convs_run, randomize_, rel_err
+from resprune.models.arch import signature
 
 
 @torch.no_grad()
@@ -61,20 +63,99 @@ def test_plain_resconv_chain_removal():
     assert rel_err(m(x), y) <= 1e-6
 
 
+def _greedy(units: dict[str, set[str]], key, conv_macs: dict[str, int], total: int,
+            budget: int) -> tuple[set[str], int]:
+    """The budget rule of prune_'s docstring, written out: units in increasing ``key`` until
+    the budget is met, skipping one that would leave its stage (first name part) without a
+    conv. Returns the removed convs and the MACs left."""
+    per_stage = Counter(c.split(".")[0] for c in conv_macs)
+    gone: set[str] = set()
+    left = total
+    for u in sorted(units, key=key):
+        if left <= budget:
+            break
+        new = units[u] - gone
+        stage = u.split(".")[0]
+        if per_stage[stage] - len(new) < 1:
+            continue
+        gone |= new
+        per_stage[stage] -= len(new)
+        left -= sum(conv_macs[c] for c in new)
+    return gone, left
+
+
+def _budget_net() -> nn.Module:
+    """Two stages of removable identity ResConvs of three costs (16×16 input)."""
+    return nn.Sequential(OrderedDict(
+        stem=rp.ResConv2d(3, 4),
+        a=nn.Sequential(*[rp.ResConv2d(4, 4) for _ in range(4)]),
+        b=nn.Sequential(rp.ResConv2d(4, 8), *[rp.ResConv2d(8, 8) for _ in range(3)],
+                        rp.ResConv2d(8, 8, 1), rp.ResConv2d(8, 8, 1)),
+        head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
+    ))
+
+
+BUDGET_NET_SCALES = {"a.0": 0.1, "a.1": 0.3, "a.2": 0.2, "a.3": 0.4, "b.1": 0.9, "b.2": 0.5, "b.3": 0.85,
+                     "b.4": 0.05, "b.5": 0.6}
+
+
+@pytest.mark.parametrize("rank,removed", [
+    # by |s|: a.3 is skipped (stage a would keep no conv), then the budget is met at b.3
+    ("scale", ["a.0", "a.1", "a.2", "b.2", "b.3", "b.4", "b.5"]),
+    # by |s|/MACs: the expensive 3×3 layers of b come earlier, the 1×1 b.5 last
+    ("scale_per_mac", ["a.0", "a.2", "b.2", "b.3", "b.4"]),
+])
+def test_budget_removes_lowest_ranked_units_first(rank, removed):
+    m = _budget_net().eval()
+    with torch.no_grad():
+        for n, v in BUDGET_NET_SCALES.items():
+            m.get_submodule(n).scale.fill_(v)
+    hw = 16 * 16
+    conv_macs = {"stem": 3 * 4 * 9 * hw, "b.0": 4 * 8 * 9 * hw, **{f"a.{i}": 4 * 4 * 9 * hw for i in range(4)},
+                 **{f"b.{i}": 8 * 8 * 9 * hw for i in (1, 2, 3)}, "b.4": 8 * 8 * hw, "b.5": 8 * 8 * hw}
+    total = sum(conv_macs.values()) + 8 * 10
+    assert rp.profile(m, (1, 3, 16, 16)).macs == total
+    scales = {n: abs(float(m.get_submodule(n).scale.detach())) for n in BUDGET_NET_SCALES}
+    key = (lambda u: scales[u]) if rank == "scale" else (lambda u: scales[u] / conv_macs[u])
+    budget = int(0.5 * total)
+    gone, left = _greedy({u: {u} for u in scales}, key, conv_macs, total, budget)
+    assert sorted(gone) == removed  # the rule on this net, as worked out in the parameters
+    rep = rp.prune_(m, rp.PruneConfig(target_macs=0.5, rank=rank, input_size=(1, 3, 16, 16)))
+    assert rep.removed == removed
+    assert rep.macs_after == left == rp.profile(m, (1, 3, 16, 16)).macs <= budget
+
+
 @pytest.mark.parametrize("rank", ["scale", "scale_per_mac"])
-def test_budget_mode(rank):
-    torch.manual_seed(0)
-    m = randomize_(rp.create_model("resnet56"), seed=5).eval()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_budget_with_overlapping_units(rank, seed):
+    """resnet20: a block's branch gate removes its first conv too. The convs gone and the MACs
+    left are those of the rule, with the units' MACs worked out from the layer shapes."""
+    torch.manual_seed(seed)
+    m = randomize_(rp.create_model("resnet20"), seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, rc in rp.sparsity.removable_scales(m):
+            rc.scale.fill_(float(torch.rand((), generator=g)) + 0.01)
+    conv_macs, units = {}, {}
+    for name, t in m.named_modules():
+        if isinstance(t, rp.ResConv2d):
+            side = {"layer1": 32, "layer2": 16, "layer3": 8}[name.split(".")[0]]  # output size
+            conv_macs[name] = t.conv.in_channels * t.conv.out_channels * 9 * side * side
+    for name, t in m.named_modules():
+        if isinstance(t, rp.ResConv2d) and t.removable:
+            block = name.rpartition(".")[0]
+            units[name] = {name} if t.shortcut else {f"{block}.conv1", f"{block}.conv2"}
     total = rp.profile(m).macs
-    rep = rp.prune_(m, rp.PruneConfig(target_macs=0.35, rank=rank))
-    assert rep.macs_after <= 0.35 * total
-    assert rep.macs_after == rp.profile(m).macs
-    # greedy: the kept removable scales are not all smaller than the removed ones
-    kept = [abs(float(t.scale.detach())) for _, t in rp.sparsity.removable_scales(m)]
-    assert kept and m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    if rank == "scale":
-        removed_max = rep.max_removed_scale
-        assert sum(k < removed_max for k in kept) < len(kept)
+    assert total == 3 * 16 * 9 * 32 * 32 + sum(conv_macs.values()) + 64 * 10
+    scales = {u: abs(float(m.get_submodule(u).scale.detach())) for u in units}
+    unit_macs = {u: sum(conv_macs[c] for c in cs) for u, cs in units.items()}
+    key = (lambda u: scales[u]) if rank == "scale" else (lambda u: scales[u] / unit_macs[u])
+    budget = int(0.5 * total)
+    gone, left = _greedy(units, key, conv_macs, total, budget)
+    rep = rp.prune_(m, rp.PruneConfig(target_macs=0.5, rank=rank))
+    after = {n for n, t in m.named_modules() if isinstance(t, rp.ResConv2d)}
+    assert set(conv_macs) - after == gone
+    assert rep.macs_after == left == rp.profile(m).macs <= budget
 
 
 def test_budget_absolute_int():
@@ -151,6 +232,32 @@ def test_save_load_roundtrip(tmp_path, stage):
     m2 = rp.load(path).eval()
     assert torch.equal(m2(x), m(x))
     assert m2.state_dict().keys() == m.state_dict().keys()
+    # the replayed record rebuilds the same module tree (names, classes, keys, shapes)
+    assert signature(m2) == signature(m) and m2.resprune_arch.to_dict() == raw["arch"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.layer3.__delitem__(1), r"module 'layer3\.1' \(BasicBlock\) of the record is gone"),
+    (lambda m: setattr(m.head, "fc", nn.Linear(64, 5)),
+     r"'head\.fc\.weight' has shape \(5, 64\), the record has \(10, 64\)"),
+    (lambda m: m.layer1.add_module("9", nn.ReLU()), r"module 'layer1\.9' \(ReLU\) is not in the record"),
+])
+@pytest.mark.parametrize("fused", [False, True])
+def test_save_refuses_a_model_edited_by_hand(tmp_path, edit, match, fused):
+    """An edit that ``rp.load`` could not replay (a block deleted, a layer of another shape, a
+    layer added) is refused by ``rp.save`` in one line naming the first difference."""
+    m = _resnet20_with_zeros()
+    rp.prune_(m, rp.PruneConfig(threshold=1e-2))
+    if fused:
+        rp.fuse_(m)
+    rp.save(m, tmp_path / "ok.pt")  # not edited: fine
+    edit(m)
+    op = "fuse" if fused else "remove"
+    want = (rf"^cannot save CifarResNet: the module was changed outside resprune after the recorded '{op}' "
+            rf"operation \({match}\), so resprune\.load could not rebuild it")
+    with pytest.raises(rp.CheckpointError, match=want) as e:
+        rp.save(m, tmp_path / "m.pt")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.pt").exists()
 
 
 def test_load_errors(tmp_path):
@@ -194,6 +301,8 @@ def _tampered(tmp_path, name, **arch):
     ({"ops": [["remove", ["layer9.0.conv1"]]]}, "layer9"),
     ({"ops": [["explode"]]}, "unknown architecture operation 'explode'"),
     ({"kwargs": "not a dict"}, "does not describe a model"),
+    ({"ops": [["remove", "layer1.1.conv1"]]}, "does not describe a model.*one list of unit names"),
+    ({"ops": "convert"}, "does not describe a model.*not a list of operations"),
 ])
 def test_tampered_architecture_record_is_a_checkpoint_error(tmp_path, arch, match):
     p = _tampered(tmp_path, "t", **arch)

@@ -17,9 +17,10 @@ all of them with the reason. ResConv2d layers already there are left alone, so c
 twice changes nothing.
 
 A model that does not come from :func:`resprune.create_model` gets an architecture record
-here (``model.resprune_arch``, factory ``"user"``): from then on pruning and fusion are
-recorded too, so :func:`resprune.save` can write it and ``resprune.load(path,
-model=YourNet())`` replays them on a fresh instance (docs/own-model.md).
+here (``model.resprune_arch``, an :class:`~resprune.models.arch.ArchRecord` with factory
+``"user"``): from then on pruning and fusion are recorded too, so :func:`resprune.save` can
+write it and ``resprune.load(path, model=YourNet())`` replays them on a fresh instance
+(docs/own-model.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers import ResConv2d
+from .arch import ArchRecord
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +52,6 @@ class ConversionPlan:
 RESIDUAL_END = ("its BatchNorm output is added to another tensor (a residual branch's last conv or a "
                 "projection shortcut): a shortcut of its own would add the block input twice (docs/own-model.md); "
                 "left as conv+BN, folded by fuse")
-
-
-def _get(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _conv_ineligible(conv: nn.Conv2d) -> str | None:
@@ -116,14 +107,14 @@ def _trace_pairs(model: nn.Module) -> tuple[ConversionPlan, set[str]]:
             uses[node.target] = uses.get(node.target, 0) + 1
     residual: set[str] = set()
     for node in graph.nodes:
-        if node.op != "call_module" or type(_get(model, node.target)) is not nn.Conv2d:
+        if node.op != "call_module" or type(model.get_submodule(node.target)) is not nn.Conv2d:
             continue
         users = list(node.users)
         bn_node = users[0] if len(users) == 1 else None
         if (
             bn_node is None
             or bn_node.op != "call_module"
-            or not isinstance(_get(model, bn_node.target), nn.BatchNorm2d)
+            or not isinstance(model.get_submodule(bn_node.target), nn.BatchNorm2d)
         ):
             plan.skipped[node.target] = "not followed by a BatchNorm2d that only it feeds"
             continue
@@ -146,8 +137,8 @@ def conversion_plan(model: nn.Module) -> ConversionPlan:
             "convert its traceable submodules one by one instead"
         ) from exc
     for conv_name in list(plan.pairs):
-        conv = _get(model, conv_name)
-        bn = _get(model, plan.pairs[conv_name])
+        conv = model.get_submodule(conv_name)
+        bn = model.get_submodule(plan.pairs[conv_name])
         why = RESIDUAL_END if conv_name in residual else _conv_ineligible(conv)
         if why is None and (not bn.affine or not bn.track_running_stats):
             why = "BatchNorm2d without affine parameters or running statistics"
@@ -171,9 +162,11 @@ def convert_(model: nn.Module) -> nn.Module:
         9
     """
     plan = conversion_plan(model)
+    record = ArchRecord.of(model)
+    edit = record.edit_before(model) if record is not None else None
     for conv_name, bn_name in plan.pairs.items():
-        conv: nn.Conv2d = _get(model, conv_name)
-        bn: nn.BatchNorm2d = _get(model, bn_name)
+        conv: nn.Conv2d = model.get_submodule(conv_name)
+        bn: nn.BatchNorm2d = model.get_submodule(bn_name)
         rc = ResConv2d(
             conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
             act=False, shortcut=True, bias=conv.bias is not None,
@@ -181,8 +174,8 @@ def convert_(model: nn.Module) -> nn.Module:
         rc.conv.load_state_dict(conv.state_dict())
         rc.bn.load_state_dict(bn.state_dict())
         rc.bn.eps, rc.bn.momentum = bn.eps, bn.momentum
-        set_submodule(model, conv_name, rc)
-        set_submodule(model, bn_name, nn.Identity())
+        model.set_submodule(conv_name, rc)
+        model.set_submodule(bn_name, nn.Identity())
     residual = [n for n, why in plan.skipped.items() if why == RESIDUAL_END]
     for name, why in plan.skipped.items():
         if why != RESIDUAL_END:
@@ -191,10 +184,8 @@ def convert_(model: nn.Module) -> nn.Module:
         logger.debug("convert_: left as conv+BN (residual branch ends, projection shortcuts): %s", ", ".join(residual))
     logger.info("convert_: %d convs → ResConv2d, %d skipped%s", len(plan.pairs), len(plan.skipped),
                 f" ({len(residual)} by design: they end a residual branch)" if residual else "")
-    arch = getattr(model, "resprune_arch", None)
-    if arch is None:  # a model of the user's own: record from here on (see the module docstring)
+    if record is None:  # a model of the user's own: record from here on (see the module docstring)
         cls = type(model)
-        arch = model.resprune_arch = {"factory": "user", "class": f"{cls.__module__}.{cls.__qualname__}",
-                                      "kwargs": {}, "ops": []}
-    arch["ops"].append(["convert"])
+        record = ArchRecord.attach(model, "user", user_class=f"{cls.__module__}.{cls.__qualname__}")
+    record.append(model, ["convert"], edit)
     return model

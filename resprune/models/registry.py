@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .arch import ArchRecord
+
 __all__ = ["register_model", "create_model", "list_models", "is_model", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "resprune.models"
@@ -65,8 +67,9 @@ def _factory(name: str) -> Callable[..., nn.Module]:
 def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     """Build a registered model.
 
-    The model remembers how it was built (``model.resprune_arch``) so that
-    :func:`resprune.save` can store the architecture next to the weights.
+    The model remembers how it was built (``model.resprune_arch``, an
+    :class:`~resprune.models.arch.ArchRecord`) so that :func:`resprune.save` can store the
+    architecture next to the weights.
 
     Example:
         >>> import resprune as rp
@@ -75,9 +78,5 @@ def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         True
     """
     model = _factory(name)(num_classes=num_classes, **kwargs)
-    model.resprune_arch = {
-        "factory": f"resprune:{name}",
-        "kwargs": {"num_classes": num_classes, **kwargs},
-        "ops": [],
-    }
+    ArchRecord.attach(model, f"resprune:{name}", {"num_classes": num_classes, **kwargs})
     return model
