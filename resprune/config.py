@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data import DATASETS, DEFAULT_FLIP, DEFAULT_PAD
 from .errors import ResPruneError
 
 __all__ = [
@@ -59,13 +60,11 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 1000
     augment: bool = True
-    pad: int = 4
-    flip: bool = True
+    pad: int = DEFAULT_PAD
+    flip: bool = DEFAULT_FLIP
     train_limit: int | None = None  # use a fixed random subset of this many training images
 
     def __post_init__(self) -> None:
-        from .data import DATASETS
-
         if self.train_limit is not None and (isinstance(self.train_limit, bool) or not isinstance(self.train_limit, int)
                                              or self.train_limit < 1):
             raise RecipeError(f"data.train_limit must be an int >= 1 or null, got {self.train_limit!r}")

@@ -1,5 +1,6 @@
 """Data sources (formats, cache keyed on the source, clear errors) and the batched loader."""
 
+import gzip
 import io
 import os
 import pickle
@@ -12,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from resprune.data import DatasetNotFound, DeviceLoader, batch_crop_flip, load_arrays
+from resprune.data import DataError, DatasetNotFound, DeviceLoader, batch_crop_flip, load_arrays
+from resprune.errors import ResPruneError
 
 # the real CIFAR-10 archive (ImageFolder .tar.gz), when a machine has one: RESPRUNE_TEST_CIFAR10=PATH
 CIFAR_ARCHIVE = Path(os.environ.get("RESPRUNE_TEST_CIFAR10", "/nonexistent/cifar10-jpeg.tar.gz"))
@@ -46,6 +48,7 @@ def test_imagefolder_cache_and_invalidation(tmp_path):
     tr, te = load_arrays("imagefolder", root)
     assert tr.images.shape == (6, 8, 8, 3) and tr.classes == ["a_dog", "b_cat"]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".npz"]  # no temporary file left behind
     tr2, _ = load_arrays("imagefolder", root)  # from the cache
     assert np.array_equal(tr.images, tr2.images)
     # change one source image: the cache key changes and the new pixels are read
@@ -55,6 +58,27 @@ def test_imagefolder_cache_and_invalidation(tmp_path):
     tr3, _ = load_arrays("imagefolder", root)
     assert tr3.images[0].sum() == 0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+def test_imagefolder_listing(tmp_path):
+    """Images right inside a class folder count (as in an archive); an empty class folder is no
+    class, a nested folder's images and other files are not read; sizes must agree."""
+    root = _tree(tmp_path / "data")
+    (root / "train" / "zz_empty").mkdir()
+    (root / "train" / "a_dog" / "nested").mkdir()
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(root / "train" / "a_dog" / "nested" / "x.png")
+    (root / "train" / "a_dog" / "notes.txt").write_text("not an image")
+    tr, te = load_arrays("imagefolder", root)
+    assert tr.classes == ["a_dog", "b_cat"] and len(tr) == 6 and len(te) == 6
+    assert tr.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(root / "test" / "b_cat" / "odd.png")
+    with pytest.raises(DataError, match="images differ in size"):
+        load_arrays("imagefolder", root)
+    for d in (root / "test" / "a_dog", root / "test" / "b_cat"):
+        for f in d.iterdir():
+            f.unlink()
+    with pytest.raises(DatasetNotFound, match=f"{re.escape(str(root / 'test'))}: no images"):
+        load_arrays("imagefolder", root)
 
 
 def test_imagefolder_from_tar_and_as_cifar10(tmp_path):
@@ -106,6 +130,18 @@ def test_unreadable_image_is_named(tmp_path, damage):
         tf.add(root / "test", "test")
     with pytest.raises(ValueError, match=f"{re.escape(str(arc))}:train/a_dog/9.jpg: not a readable image"):
         load_arrays("imagefolder", arc)
+
+
+def test_unreadable_archive_is_named(tmp_path):
+    arc = tmp_path / "cut.tar.gz"
+    root = _tree(tmp_path / "data")
+    with tarfile.open(arc, "w:gz") as tf:
+        tf.add(root / "train", "train")
+        tf.add(root / "test", "test")
+    arc.write_bytes(arc.read_bytes()[:200])
+    with pytest.raises(DataError, match=f"{re.escape(str(arc))}: not a readable tar archive") as e:
+        load_arrays("imagefolder", arc)
+    assert "\n" not in str(e.value)
 
 
 def test_cifar_torchvision_format(tmp_path):
@@ -162,6 +198,13 @@ def test_cifar_pickle_cannot_run_code(tmp_path, victim, protocol):
     assert not marker.exists()
 
 
+def test_cifar_missing_batch_is_named(tmp_path):
+    d = _cifar_dir(tmp_path)
+    (d / "data_batch_3").unlink()
+    with pytest.raises(DatasetNotFound, match=f"{re.escape(str(d / 'data_batch_3'))}: missing"):
+        load_arrays("cifar10", tmp_path)
+
+
 def test_cifar_labels_and_class_count_are_checked(tmp_path):
     _cifar_dir(tmp_path, labels=(0, 1, 2, 12))
     with pytest.raises(ValueError, match=r"labels range over 0..12, but the data set has 10 classes"):
@@ -188,6 +231,47 @@ def test_mnist_idx_and_truncation(tmp_path):
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated"):
         load_arrays("mnist", tmp_path)
+    with pytest.raises(DataError, match=f"{re.escape(str(p))}: idx file is truncated \\(84 of 2352 values"):
+        load_arrays("mnist", tmp_path)
+    p.write_bytes(b"<html>404</html>")
+    with pytest.raises(DataError, match=f"{re.escape(str(p))}: not an MNIST idx file"):
+        load_arrays("mnist", tmp_path)
+    p.unlink()
+    with pytest.raises(DatasetNotFound, match=f"{re.escape(str(raw))}: missing t10k-images-idx3-ubyte"):
+        load_arrays("mnist", tmp_path)
+
+
+def test_mnist_gz_and_stale_processed_files(tmp_path):
+    """.gz idx files (all or some) read like plain ones; torchvision's legacy processed/*.pt
+    files (which its MNIST would prefer) are not read; a broken .gz is named."""
+    plain = tmp_path / "plain" / "MNIST" / "raw"
+    plain.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 4), ("t10k", 2)):
+        _idx(plain / f"{split}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        _idx(plain / f"{split}-labels-idx1-ubyte", np.arange(n))
+    want = load_arrays("mnist", tmp_path / "plain")
+    for some in (False, True):  # all four .gz, or two .gz beside two plain files
+        raw = tmp_path / f"gz{some}"
+        raw.mkdir()
+        for i, f in enumerate(sorted(plain.iterdir())):
+            if some and i % 2:
+                (raw / f.name).write_bytes(f.read_bytes())
+            else:
+                (raw / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
+        got = load_arrays("mnist", raw)
+        for a, b in zip(want, got):
+            assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    processed = plain.parent / "processed"
+    processed.mkdir()
+    for name in ("training.pt", "test.pt"):
+        torch.save((torch.zeros(1, 28, 28, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)), processed / name)
+    tr, te = load_arrays("mnist", tmp_path / "plain")
+    assert np.array_equal(tr.images, want[0].images) and np.array_equal(te.labels, want[1].labels)
+    bad = tmp_path / "gzFalse" / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=f"{re.escape(str(bad))}: not readable"):
+        load_arrays("mnist", tmp_path / "gzFalse")
 
 
 def test_mnist_counts_and_labels_are_checked(tmp_path):
@@ -214,6 +298,18 @@ def test_missing_data_errors(tmp_path):
         load_arrays("cifar10", tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_arrays("imagenet", tmp_path)
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'; known: cifar10"):
+        load_arrays("imagenet", tmp_path)
+
+
+def test_bad_input_errors_are_resprune_errors(tmp_path):
+    """The command line catches resprune's own errors only: every bad-input error is one."""
+    tr, _ = load_arrays("digits")
+    small = type(tr)(tr.images[:10], tr.labels[:10], tr.classes)
+    for call in (lambda: load_arrays("imagenet"), lambda: load_arrays("cifar10", tmp_path / "nope"),
+                 lambda: DeviceLoader(tr, 0), lambda: DeviceLoader(small, 64, train=True)):
+        with pytest.raises(ResPruneError):
+            call()
 
 
 def test_crop_flip_is_a_translation_or_mirror():
@@ -236,6 +332,23 @@ def test_loader_batches_and_normalisation():
     assert sum(len(y) for _, y in ev) == len(te)
     allx = torch.cat([x for x, _ in DeviceLoader(tr, 1000)])
     assert abs(float(allx.mean())) < 1e-3 and abs(float(allx.std()) - 1) < 1e-2
+
+
+def test_loader_from_data_config():
+    """A run's loaders come from its DataConfig whole: the same batches as spelling it out."""
+    from resprune.config import DataConfig
+
+    tr, te = load_arrays("digits")
+    cfg = DataConfig(batch_size=100, eval_batch_size=300, pad=2, flip=False)
+    a = DeviceLoader.from_config(tr, cfg, train=True, seed=3)
+    b = DeviceLoader(tr, 100, train=True, augment=True, pad=2, flip=False, seed=3)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    mean, std = a.mean_std
+    ev = DeviceLoader.from_config(te, cfg, train=False, mean=mean, std=std)
+    assert (ev.batch_size, ev.train, ev.augment, len(ev)) == (300, False, False, 2)
+    assert torch.equal(ev.mean, a.mean) and not torch.equal(ev.mean, DeviceLoader(te, 300).mean)
+    assert (DataConfig().pad, DataConfig().flip) == (DeviceLoader(tr, 1).pad, DeviceLoader(tr, 1).flip)
 
 
 @pytest.mark.slow

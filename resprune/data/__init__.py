@@ -1,7 +1,7 @@
 """Datasets (CIFAR-10/100, MNIST, ImageFolder, built-in digits) and the on-device loader."""
 
-from .loader import DeviceLoader, batch_crop_flip
+from .loader import DEFAULT_FLIP, DEFAULT_PAD, DeviceLoader, LoaderConfig, batch_crop_flip
 from .sources import DATASETS, ArrayDataset, DataError, DatasetNotFound, check_data, load_arrays, resolve_data_dir
 
-__all__ = ["DeviceLoader", "batch_crop_flip", "DATASETS", "ArrayDataset", "DataError", "DatasetNotFound",
-           "check_data", "load_arrays", "resolve_data_dir"]
+__all__ = ["DeviceLoader", "LoaderConfig", "batch_crop_flip", "DEFAULT_PAD", "DEFAULT_FLIP", "DATASETS",
+           "ArrayDataset", "DataError", "DatasetNotFound", "check_data", "load_arrays", "resolve_data_dir"]

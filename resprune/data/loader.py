@@ -10,19 +10,43 @@ Example:
     >>> x, y = next(iter(DeviceLoader(tr, 64, train=True)))
     >>> tuple(x.shape), x.dtype
     ((64, 1, 16, 16), torch.float32)
+
+A run builds its loaders from the recipe's ``data`` section (any object with the fields of
+:class:`LoaderConfig`, e.g. :class:`resprune.config.DataConfig`):
+
+    >>> from types import SimpleNamespace
+    >>> cfg = SimpleNamespace(batch_size=100, eval_batch_size=500, augment=True, pad=2, flip=False)
+    >>> train = DeviceLoader.from_config(tr, cfg, train=True)
+    >>> test = DeviceLoader.from_config(te, cfg, train=False, mean=train.mean_std[0], std=train.mean_std[1])
+    >>> train.batch_size, train.augment, test.batch_size, test.augment
+    (100, True, 500, False)
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sources import ArrayDataset
+from .sources import ArrayDataset, DataError
 
-__all__ = ["DeviceLoader", "batch_crop_flip"]
+__all__ = ["DeviceLoader", "LoaderConfig", "batch_crop_flip", "DEFAULT_PAD", "DEFAULT_FLIP"]
+
+# augmentation defaults, defined here once (resprune.config.DataConfig takes its defaults from them)
+DEFAULT_PAD = 4  # random-crop zero padding, pixels
+DEFAULT_FLIP = True  # random horizontal flips
+
+
+class LoaderConfig(Protocol):
+    """What :meth:`DeviceLoader.from_config` reads (the fields of ``resprune.config.DataConfig``)."""
+
+    batch_size: int
+    eval_batch_size: int
+    augment: bool
+    pad: int
+    flip: bool
 
 
 def batch_crop_flip(
@@ -67,16 +91,16 @@ class DeviceLoader:
         batch_size: int,
         train: bool = False,
         augment: bool = False,
-        pad: int = 4,
+        pad: int = DEFAULT_PAD,
         device: str | torch.device = "cpu",
         seed: int = 0,
         channels_last: bool = False,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
-        flip: bool = True,
+        flip: bool = DEFAULT_FLIP,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.images = torch.from_numpy(np.ascontiguousarray(ds.images)).permute(0, 3, 1, 2).contiguous().to(self.device)
         self.labels = torch.from_numpy(ds.labels).to(self.device)
@@ -90,7 +114,22 @@ class DeviceLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.generator = torch.Generator().manual_seed(seed)
         if train and len(self.labels) < batch_size:
-            raise ValueError(f"training set has {len(self.labels)} images, fewer than one batch of {batch_size}")
+            raise DataError(f"training set has {len(self.labels)} images, fewer than one batch of {batch_size}")
+
+    @classmethod
+    def from_config(cls, ds: ArrayDataset, cfg: LoaderConfig, *, train: bool, **options: Any) -> DeviceLoader:
+        """The loader ``cfg`` (a data config, see :class:`LoaderConfig`) describes: for training,
+        ``cfg.batch_size`` and augmentation when ``cfg.augment`` (``cfg.pad``, ``cfg.flip``); for
+        evaluation, ``cfg.eval_batch_size`` and no augmentation. ``options`` are the constructor's
+        other arguments (``device``, ``seed``, ``channels_last``, ``mean``, ``std``; give an
+        evaluation loader the training loader's :attr:`mean_std`)."""
+        return cls(ds, cfg.batch_size if train else cfg.eval_batch_size, train=train,
+                   augment=train and cfg.augment, pad=cfg.pad, flip=cfg.flip, **options)
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The per-channel normalisation ``(mean, std)`` as tuples (to give an evaluation loader)."""
+        return tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
 
     @property
     def num_classes(self) -> int:

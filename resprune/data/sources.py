@@ -10,6 +10,11 @@ Supported sources (DESIGN.md §6):
 * ``digits``: the 1,797 real 8×8 handwritten digits that ship inside scikit-learn
   (upsampled to 16×16), the built-in data set: no download, no data folder.
 
+MNIST files and ImageFolder trees are read with torchvision's ``MNIST`` and ``ImageFolder``
+(which never download here), wrapped so that a missing, truncated or unreadable file is a
+:class:`DatasetNotFound` or :class:`DataError` naming it. CIFAR pickles are read by our own
+restricted unpickler (torchvision's CIFAR classes unpickle without restriction).
+
 The data folder comes from ``data_dir`` or the ``RESPRUNE_DATA`` environment variable.
 Decoded images are cached as ``.npz`` under ``RESPRUNE_CACHE`` (default
 ``~/.cache/resprune``), keyed by a hash of the source files' names, sizes and modification
@@ -26,19 +31,27 @@ classes, the class count of a named data set) with :class:`DataError` naming the
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import hashlib
 import io
 import logging
+import math
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from ..errors import ResPruneError
+from ..util import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -95,58 +108,73 @@ def _cached(key: str, build) -> tuple[ArrayDataset, ArrayDataset]:
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             logger.warning("ignoring unreadable cache %s: %s", path, exc)
     tr, te = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, xtr=tr.images, ytr=tr.labels, xte=te.images, yte=te.labels, classes=np.array(tr.classes))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, xtr=tr.images, ytr=tr.labels, xte=te.images, yte=te.labels, classes=np.array(tr.classes))
     return tr, te
 
 
-# ----------------------------------------------------------------------------- decoders
-def _decode(data: bytes) -> np.ndarray:
+# ----------------------------------------------------------------------------- ImageFolder
+def _rgb(src: str | os.PathLike | IO[bytes]) -> np.ndarray:
+    """Decode one image (a path or an open file) to a uint8 (H, W, 3) array."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(src) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _split_from_entries(entries: list[tuple[str, str, bytes | Path]], classes: list[str],
-                        where: str = "") -> ArrayDataset:
+def _split_from_entries(entries: list[tuple[str, str, Callable[[], np.ndarray]]], classes: list[str],
+                        where: str) -> ArrayDataset:
+    """Decode ``(class name, shown name, decode)`` entries into a split labelled by ``classes``;
+    :class:`DataError` naming a test class without training images or an unreadable image."""
     idx = {c: i for i, c in enumerate(classes)}
     unknown = sorted({cls for cls, _, _ in entries} - set(idx))
     if unknown:
-        raise DataError(f"{where or 'data'}: test class folder(s) {', '.join(unknown)} have no training images "
+        raise DataError(f"{where}: test class folder(s) {', '.join(unknown)} have no training images "
                         f"(training classes: {', '.join(classes)})")
     imgs, labels = [], []
-    for cls, name, src in entries:
-        data = src.read_bytes() if isinstance(src, Path) else src
+    for cls, shown, decode in entries:
         try:
-            imgs.append(_decode(data))
-        except Exception as exc:  # PIL: truncated, not an image, unsupported mode ...
-            shown = str(src) if isinstance(src, Path) else f"{where}:{name}" if where else name
+            imgs.append(decode())
+        except Exception as exc:  # PIL: truncated, not an image, unsupported mode; OSError: unreadable file
             raise DataError(f"{shown}: not a readable image ({type(exc).__name__}: {exc}); "
                             "remove or replace it") from exc
         labels.append(idx[cls])
     shapes = {im.shape for im in imgs}
     if len(shapes) != 1:
-        raise ValueError(f"images differ in size ({sorted(shapes)[:3]} ...); resize them first")
+        raise DataError(f"{where}: images differ in size ({sorted(shapes)[:3]} ...); resize them first")
     return ArrayDataset(np.stack(imgs), np.asarray(labels, dtype=np.int64), classes)
 
 
+def _image_folder(d: Path):
+    """torchvision's ImageFolder over ``d/<class>/*`` (images with a suffix in ``IMG_EXT`` right
+    inside a class folder, as in an archive; folders without any are no class)."""
+    from torchvision.datasets import ImageFolder
+
+    top = str(d)
+
+    def wanted(path: str) -> bool:
+        return Path(path).suffix.lower() in IMG_EXT and os.path.dirname(os.path.dirname(path)) == top
+
+    try:
+        ds = ImageFolder(top, loader=_rgb, is_valid_file=wanted, allow_empty=True)
+        if ds.samples:
+            return ds
+    except FileNotFoundError:  # no class folder at all
+        pass
+    raise DatasetNotFound(f"{d}: no images in {d}/<class>/*{IMG_EXT}")
+
+
 def _imagefolder(root: Path) -> tuple[ArrayDataset, ArrayDataset]:
-    splits = {}
-    for split in ("train", "test"):
-        d = root / split
-        splits[split] = sorted(
-            (c.name, f.name, f) for c in d.iterdir() if c.is_dir()
-            for f in c.iterdir() if f.suffix.lower() in IMG_EXT
-        )
-        if not splits[split]:
-            raise DatasetNotFound(f"{d}: no images in {d}/<class>/*{IMG_EXT}")
-    classes = sorted({c for c, _, _ in splits["train"]})
-    files = [f for s in splits.values() for _, _, f in s]
+    folders = {split: _image_folder(root / split) for split in ("train", "test")}
+    classes = sorted({folders["train"].classes[t] for _, t in folders["train"].samples})
+    files = [Path(f) for ds in folders.values() for f, _ in ds.samples]
     key = f"imagefolder-{_fingerprint(files)}"
-    return _cached(key, lambda: tuple(_split_from_entries(splits[s], classes, str(root)) for s in ("train", "test")))
+
+    def split(ds) -> ArrayDataset:
+        entries = [(ds.classes[t], f, lambda i=i: ds[i][0]) for i, (f, t) in enumerate(ds.samples)]
+        return _split_from_entries(entries, classes, str(root))
+
+    return _cached(key, lambda: (split(folders["train"]), split(folders["test"])))
 
 
 def _imagefolder_tar(archive: Path) -> tuple[ArrayDataset, ArrayDataset]:
@@ -154,22 +182,28 @@ def _imagefolder_tar(archive: Path) -> tuple[ArrayDataset, ArrayDataset]:
 
     def build():
         entries: dict[str, list] = {"train": [], "test": []}
-        with tarfile.open(archive) as tf:
-            for m in tf:
-                parts = Path(m.name).parts
-                if not m.isfile() or Path(m.name).suffix.lower() not in IMG_EXT or len(parts) < 3:
-                    continue
-                split, cls = parts[-3], parts[-2]
-                if split in entries:
-                    entries[split].append((cls, m.name, tf.extractfile(m).read()))
+        try:
+            with tarfile.open(archive) as tf:  # read in order: a .tar.gz cannot seek back cheaply
+                for m in tf:
+                    parts = Path(m.name).parts
+                    if not m.isfile() or Path(m.name).suffix.lower() not in IMG_EXT or len(parts) < 3:
+                        continue
+                    split, cls = parts[-3], parts[-2]
+                    if split in entries:
+                        data = tf.extractfile(m).read()
+                        entries[split].append((cls, f"{archive}:{m.name}", lambda b=data: _rgb(io.BytesIO(b))))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # truncated, not a tar, bad gzip
+            raise DataError(f"{archive}: not a readable tar archive ({type(exc).__name__}: {exc})") from exc
         if not entries["train"] or not entries["test"]:
             raise DatasetNotFound(f"{archive}: no train/<class>/* and test/<class>/* images inside")
         classes = sorted({c for c, _, _ in entries["train"]})
-        return tuple(_split_from_entries(sorted(entries[s]), classes, str(archive)) for s in ("train", "test"))
+        return tuple(_split_from_entries(sorted(entries[s], key=lambda e: e[:2]), classes, str(archive))
+                     for s in ("train", "test"))
 
     return _cached(key, build)
 
 
+# ----------------------------------------------------------------------------- CIFAR
 def _numpy_globals() -> dict[tuple[str, str], object]:
     try:
         from numpy._core import multiarray as ma, numeric as nu
@@ -200,6 +234,8 @@ def _load_pickle(path: Path) -> object:
     try:
         with open(path, "rb") as f:
             return _DataUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError as exc:
+        raise DatasetNotFound(f"{path}: missing; the CIFAR folder {path.parent} is incomplete") from exc
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path}: not a CIFAR data file ({exc}); CIFAR batches hold only arrays, lists, "
                         "bytes, str and int, nothing was executed") from exc
@@ -242,31 +278,67 @@ def _cifar_pickles(root: Path, hundred: bool) -> tuple[ArrayDataset, ArrayDatase
     return ArrayDataset(xtr, ytr, classes), ArrayDataset(xte, yte, classes)
 
 
-def _idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable for torch
-    if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: idx file is truncated ({arr.size} of {int(np.prod(dims))} values)")
-    return arr.reshape(dims)
+# ----------------------------------------------------------------------------- MNIST
+MNIST_FILES = {"train-images-idx3-ubyte": 3, "train-labels-idx1-ubyte": 1,
+               "t10k-images-idx3-ubyte": 3, "t10k-labels-idx1-ubyte": 1}  # name: dimensions
+
+
+def _check_idx(path: Path, shown: Path, ndim: int) -> None:
+    """:class:`DataError` naming ``shown`` unless ``path`` is an idx file of uint8 values in
+    ``ndim`` dimensions holding exactly as many values as its header says."""
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * ndim)
+    if len(head) < 4 + 4 * ndim or head[:4] != bytes([0, 0, 8, ndim]):
+        raise DataError(f"{shown}: not an MNIST idx file of {ndim}-d uint8 data "
+                        f"(header {head[:4].hex() or 'empty'})")
+    dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    have, want = path.stat().st_size - len(head), math.prod(dims)
+    if have != want:
+        raise DataError(f"{shown}: idx file is {'truncated' if have < want else 'longer than its header says'} "
+                        f"({have} of {want} values for shape {tuple(dims)})")
 
 
 def _mnist(raw: Path) -> tuple[ArrayDataset, ArrayDataset]:
-    def find(stem):
-        for suffix in ("", ".gz"):
-            p = raw / f"{stem}{suffix}"
-            if p.is_file():
-                return p
-        raise DatasetNotFound(f"{raw}: missing {stem}")
+    """The idx files in ``raw`` (each plain or ``.gz``; plain preferred) read by torchvision's
+    MNIST; ``.gz`` files are decompressed to a temporary folder first (torchvision reads plain
+    idx files only)."""
+    from torchvision.datasets import MNIST
 
-    out = []
-    for split in ("train", "t10k"):
-        x = _idx(find(f"{split}-images-idx3-ubyte"))[..., None]
-        y = _idx(find(f"{split}-labels-idx1-ubyte")).astype(np.int64)
-        out.append(ArrayDataset(np.ascontiguousarray(x), y, [str(i) for i in range(10)]))
+    class _Folder(MNIST):
+        """torchvision's MNIST on the idx files right inside ``root`` (its own layout is
+        root/MNIST/raw); the legacy processed/*.pt it would prefer are looked for in
+        root/_Folder/processed, which is never there."""
+
+        @property
+        def raw_folder(self) -> str:
+            return str(self.root)
+
+    found: dict[str, Path] = {}
+    for stem in MNIST_FILES:
+        p = next((p for p in (raw / stem, raw / f"{stem}.gz") if p.is_file()), None)
+        if p is None:
+            raise DatasetNotFound(f"{raw}: missing {stem} (or {stem}.gz)")
+        found[stem] = p
+    with contextlib.ExitStack() as stack:
+        folder = raw
+        if any(p.suffix == ".gz" for p in found.values()):
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="resprune-mnist-")))
+            for stem, p in found.items():
+                try:
+                    with (gzip.open if p.suffix == ".gz" else open)(p, "rb") as src, open(folder / stem, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+                    raise DataError(f"{p}: not readable ({type(exc).__name__}: {exc})") from exc
+        for stem, ndim in MNIST_FILES.items():
+            _check_idx(folder / stem, found[stem], ndim)
+        out = []
+        for train in (True, False):
+            try:
+                ds = _Folder(folder, train=train, download=False)
+            except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+                raise DataError(f"{raw}: unreadable MNIST idx files ({type(exc).__name__}: {exc})") from exc
+            x = np.ascontiguousarray(ds.data.numpy()[..., None])
+            out.append(ArrayDataset(x, ds.targets.numpy().astype(np.int64), [str(i) for i in range(10)]))
     return out[0], out[1]
 
 
@@ -329,7 +401,7 @@ def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> tuple[A
 
 
 def check_data(name: str, data_dir: str | os.PathLike | None = None) -> None:
-    """Raise :class:`DatasetNotFound` (or ``ValueError``) when :func:`load_arrays` would,
+    """Raise :class:`DatasetNotFound` (or :class:`DataError`) when :func:`load_arrays` would,
     without reading any image: for failing early, before a run writes anything."""
     _locate(name, data_dir)
 
@@ -337,7 +409,7 @@ def check_data(name: str, data_dir: str | os.PathLike | None = None) -> None:
 def _locate(name: str, data_dir: str | os.PathLike | None):
     """A zero-argument loader for data set ``name``, or the error saying what is missing."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if name == "digits":
         return _digits
     root = resolve_data_dir(data_dir)

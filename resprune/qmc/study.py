@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,6 +42,7 @@ from resprune.qmc.surrogate import (
     relative_l2_error,
     train_surrogate,
 )
+from resprune.util import hardware as util_hardware
 
 logger = logging.getLogger(__name__)
 
@@ -129,31 +129,12 @@ def fit_rate(ns: np.ndarray, errors: np.ndarray) -> tuple[float, float]:
     return float(-slope), float(np.exp(icpt))
 
 
-def hardware() -> dict[str, str]:
-    """CPU model (``lscpu`` model name), core count and library versions."""
-    import os
-
+def hardware() -> dict[str, Any]:
+    """CPU model, core count, machine, Python, torch (and its threads) and the numpy and scipy
+    versions (:func:`resprune.util.hardware`)."""
     import scipy
-    import torch
 
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": str(os.cpu_count()),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": str(torch.get_num_threads()),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-    }
+    return util_hardware(numpy=np.__version__, scipy=scipy.__version__)
 
 
 @dataclass
@@ -164,7 +145,7 @@ class StudyResult:
     records: list[dict[str, Any]]
     seconds: float
     data_seconds: float
-    info: dict[str, str]
+    info: dict[str, Any]  # hardware()
 
     def errors(self, problem: str, kind: str, act: str, metric: str = "nrmse") -> tuple[np.ndarray, np.ndarray]:
         """``(N, error)`` with errors ``(members, sizes)``."""

@@ -61,10 +61,9 @@ def _loaders(recipe: Recipe, device: torch.device) -> tuple[DeviceLoader, Device
         keep = np.sort(np.random.default_rng(0).permutation(len(tr))[: d.train_limit])
         tr = ArrayDataset(tr.images[keep], tr.labels[keep], tr.classes)
     cl = resolve_precision(t, device)[1] and recipe.engine == "serial"
-    train = DeviceLoader(tr, d.batch_size, train=True, augment=d.augment, pad=d.pad, flip=d.flip,
-                         device=device, seed=t.seed, channels_last=cl)
-    test = DeviceLoader(te, d.eval_batch_size, device=device, channels_last=cl,
-                        mean=tuple(train.mean.flatten().tolist()), std=tuple(train.std.flatten().tolist()))
+    train = DeviceLoader.from_config(tr, d, train=True, device=device, seed=t.seed, channels_last=cl)
+    mean, std = train.mean_std
+    test = DeviceLoader.from_config(te, d, train=False, device=device, channels_last=cl, mean=mean, std=std)
     return train, test
 
 
