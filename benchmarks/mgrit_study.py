@@ -63,7 +63,7 @@ SETTINGS: dict[str, dict] = {
     "adaptive-0.1": dict(cf=4, levels=2, relax="FCF", mode="adaptive", tol=0.1, fwd_iters=3, bwd_iters=3,
                          warm_start="class_mean", coarse_params="average"),
 }
-TRAIN_ARGS = ("dataset", "data_dir", "layers", "width", "stem_stride", "horizon", "gate", "batch", "eval_batch",
+TRAIN_ARGS = ("dataset", "data_dir", "layers", "width", "stem_stride", "head_pool", "horizon", "gate", "batch", "eval_batch",
               "epochs",
               "max_steps", "train_subset", "test_subset", "lr", "wd", "warmup", "smooth", "recal_batches")
 
@@ -92,7 +92,8 @@ def _build(a, seed: int):
 
 def _chain(a, num_classes: int, in_chans: int) -> torch.nn.Module:
     return rp.create_model("resconv_chain", num_classes=num_classes, depth=a.layers, width=a.width,
-                           in_chans=in_chans, horizon=a.horizon, gate=a.gate or None, stem_stride=a.stem_stride)
+                           in_chans=in_chans, horizon=a.horizon, gate=a.gate or None, stem_stride=a.stem_stride,
+                           head_pool=a.head_pool)
 
 
 def _engine(a, model, options: dict | None, input_size):
@@ -378,6 +379,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=256)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--stem-stride", type=int, default=1, help="2: the chain runs at half resolution")
+    ap.add_argument("--head-pool", type=int, default=1,
+                    help="the head pools to a k × k grid before its linear layer (7 for MNIST at stride 2)")
     ap.add_argument("--horizon", type=float, default=1.0)
     ap.add_argument("--gate", default="tanh", help="tanh, clamp or '' (the plain trainable scale)")
     ap.add_argument("--batch", type=int, default=64)

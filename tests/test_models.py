@@ -122,3 +122,14 @@ def test_chain_stem_stride_quarters_the_macs_and_fuses():
     half = randomize_(half, seed=1).double().eval()
     x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
     assert rel_err(rp.fuse(half)(x), half(x)) <= 1e-10
+
+
+def test_chain_head_pool_keeps_a_grid_and_exports(tmp_path):
+    m = rp.create_model("resconv_chain", depth=4, width=4, in_chans=1, gate="tanh", stem_stride=2, head_pool=7)
+    assert m.head.fc.in_features == 4 * 7 * 7
+    m = randomize_(m, seed=2).double().eval()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    assert rel_err(rp.fuse(m)(x), m(x)) <= 1e-10
+    with pytest.raises(ValueError, match="head_pool"):
+        rp.create_model("resconv_chain", depth=4, width=4, head_pool=0)
+    rp.export_onnx(rp.fuse(m.float()), tmp_path / "m.onnx", input_size=(1, 1, 28, 28))

@@ -67,12 +67,15 @@ class BasicBlock(nn.Module):
 
 
 class _Head(nn.Module):
-    def __init__(self, in_ch: int, num_classes: int) -> None:
+    """Average pooling to a ``pool × pool`` grid, then a linear classifier."""
+
+    def __init__(self, in_ch: int, num_classes: int, pool: int = 1) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_ch, num_classes)
+        self.pool = pool
+        self.fc = nn.Linear(in_ch * pool * pool, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, self.pool), 1))
 
 
 class _CifarNet(nn.Module):
@@ -172,16 +175,21 @@ class ResConvChain(nn.Module):
             pruning thresholds act on) starts at ``h``.
         stem_stride: stride of the stem conv; 2 runs the chain at half the resolution (a
             quarter of the MACs), which is what makes a 256-layer chain trainable on a CPU.
+        head_pool: the head averages the last states to a ``head_pool × head_pool`` grid
+            (default 1: global pooling) before its linear layer. A grid keeps where features
+            are, as the flattening close layer of the layer-parallel references does; it must
+            divide the chain's resolution for ONNX export.
     """
 
     def __init__(self, depth: int = 256, width: int = 16, num_classes: int = 10, in_chans: int = 3,
-                 horizon: float | None = None, gate: str | None = None, stem_stride: int = 1) -> None:
+                 horizon: float | None = None, gate: str | None = None, stem_stride: int = 1,
+                 head_pool: int = 1) -> None:
         super().__init__()
-        if depth < 1 or width < 1:
-            raise ValueError(f"depth and width must be >= 1, got {depth}, {width}")
+        if depth < 1 or width < 1 or head_pool < 1:
+            raise ValueError(f"depth, width and head_pool must be >= 1, got {depth}, {width}, {head_pool}")
         self.stem = ConvBN2d(in_chans, width, 3, stride=stem_stride)
         self.blocks = nn.Sequential(*[ResConv2d(width, width) for _ in range(depth)])
-        self.head = _Head(width, num_classes)
+        self.head = _Head(width, num_classes, head_pool)
         if gate is not None:
             h = (1.0 if horizon is None else horizon) / depth
             with torch.no_grad():
@@ -202,6 +210,7 @@ class ResConvChain(nn.Module):
 
 @register_model
 def resconv_chain(num_classes: int = 10, depth: int = 256, width: int = 16, in_chans: int = 3,
-                  horizon: float | None = None, gate: str | None = None, stem_stride: int = 1) -> nn.Module:
+                  horizon: float | None = None, gate: str | None = None, stem_stride: int = 1,
+                  head_pool: int = 1) -> nn.Module:
     """Deep ResConv chain (``depth`` layers of ``width`` channels); see :class:`ResConvChain`."""
-    return ResConvChain(depth, width, num_classes, in_chans, horizon, gate, stem_stride)
+    return ResConvChain(depth, width, num_classes, in_chans, horizon, gate, stem_stride, head_pool)
