@@ -41,7 +41,7 @@ def test_run_writes_the_documented_files(run_dir, capsys):
     payload = rp.serialization.load_payload(run_dir / "fused.pt")
     size, deploy = tuple(payload["extra"]["input_size"]), payload["extra"]["deploy"]
     fused = rp.load(run_dir / "fused.pt").eval()
-    assert size == (1, 1, 16, 16) and deploy["classes"] == list(range(10))  # digits, upsampled to 16×16
+    assert size == (1, 1, 16, 16) and deploy["classes"] == [str(c) for c in range(10)]  # digits, upsampled to 16×16
     assert not any(isinstance(x, (rp.ResConv2d, torch.nn.BatchNorm2d)) for x in fused.modules())
     assert fused(torch.zeros(2, *size[1:])).shape == (2, 10) and deploy["test_accuracy"] == m["fused"]["test_acc"]
     prune = json.loads((run_dir / "prune.json").read_text())
