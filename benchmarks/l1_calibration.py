@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from resprune.config import load_recipe
-from resprune.train.pipeline import RunDir, hardware, stage_prune, stage_train
+from resprune.rundir import RunDir
+from resprune.stages import stage_prune, stage_train
+from resprune.util import hardware
 
 
 def run_one(recipe_name: str, l1: float, args, work: Path) -> dict:

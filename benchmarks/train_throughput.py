@@ -35,7 +35,7 @@ from resprune.data import DeviceLoader, load_arrays
 from resprune.data.sources import ArrayDataset
 from resprune.train import Trainer
 from resprune.train.loop import native_bf16, resolve_precision
-from resprune.train.pipeline import hardware
+from resprune.util import hardware
 
 
 def _data(data_dir: str | None, n: int) -> tuple[ArrayDataset, str]:

@@ -1,18 +1,25 @@
-"""The ``resprune`` command.
+"""The ``resprune`` command: every argument parser of the package (the stages are
+:mod:`resprune.stages`).
 
 ``resprune run RECIPE`` runs the whole pipeline; each stage is also its own sub-command that
 reads and writes files in a run directory (docs/run-dir.md), so a run can stop after any
 stage and resume from its output.
+
+Errors: resprune's own (:class:`resprune.ResPruneError`: bad input, a missing or out-of-date
+file, a run that cannot go on) and the operating system's (:class:`OSError`: a read-only
+``--out``, a missing file) are printed as one line, exit status 2 (``--debug``: with their
+traceback). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
 import sys
-import time
+import traceback
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -59,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"resprune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of resprune's own errors too (bad input, missing files), "
+                             "not just their one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a recipe end to end (train → prune → finetune → fuse → export → bench → report)")
@@ -74,11 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_rundir_arg(p)
         p.set_defaults(func=cmd_stage, stage=name)
 
-    from . import report
-
-    report.add_export_parser(sub)
-    report.add_bench_parser(sub)
-    report.add_report_parser(sub)
+    _add_export_parser(sub)
+    _add_bench_parser(sub)
+    _add_report_parser(sub)
 
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("pattern", nargs="?", default="*")
@@ -90,6 +98,77 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_qmc(sub)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    from .config import ExportConfig
+
+    cfg = ExportConfig()
+    p = sub.add_parser(
+        "export", help="export fused.pt / fused_unpruned.pt to verified ONNX files",
+        description="Export RUN_DIR/fused_unpruned.pt and RUN_DIR/fused.pt to RUN_DIR/onnx/unpruned.onnx "
+                    "and RUN_DIR/onnx/pruned.onnx (one self-contained file each, plus a .json sidecar with "
+                    "MACs, params, opset, versions and the checkpoint's sha256). Each file is checked with "
+                    "onnx.checker and against onnxruntime on random inputs (max |diff| <= "
+                    f"{cfg.atol:g} + {cfg.rtol:g}·max|logit|, same top-1).",
+    )
+    p.add_argument("run_dir", type=Path, help="run directory (docs/run-dir.md)")
+    p.add_argument("--input-size", nargs=4, type=int, metavar=("N", "C", "H", "W"),
+                   help="input shape (default: the one each checkpoint records)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, >= 18)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to N")
+    p.add_argument("--atol", type=float,
+                   help=f"onnxruntime check: absolute tolerance on the logits (default {cfg.atol:g})")
+    p.add_argument("--rtol", type=float,
+                   help=f"onnxruntime check: tolerance relative to the largest |logit| (added to --atol; "
+                        f"default {cfg.rtol:g})")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_bench_parser(sub) -> None:
+    from .config import ExportConfig
+
+    cfg = ExportConfig()
+    p = sub.add_parser(
+        "bench", help="time onnx/unpruned.onnx and onnx/pruned.onnx side by side → bench.json",
+        description="Verify RUN_DIR/onnx/{unpruned,pruned}.onnx against their sidecars, then time them "
+                    "interleaved with export/ort_bench.py (onnxruntime, medians, peak memory) and write "
+                    "RUN_DIR/bench.json. On a target device run export/ort_bench.py itself (see "
+                    "export/README.md).",
+    )
+    p.add_argument("run_dir", type=Path, help="run directory with onnx/ (from `resprune export`)")
+    p.add_argument("--batch", nargs="+", type=int,
+                   help=f"batch sizes (default: {' '.join(map(str, cfg.bench_batches))})")
+    p.add_argument("--runs", type=int, help=f"timed runs per model and batch (default {cfg.bench_runs})")
+    p.add_argument("--warmup", type=int, help=f"warm-up runs (default {cfg.bench_warmup})")
+    p.add_argument("--threads", type=int,
+                   help="onnxruntime intra-op threads (default 0: the physical cores; always set explicitly and "
+                        "recorded)")
+    p.add_argument("--providers", nargs="+", help="onnxruntime execution providers (default: CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--tool", help="path of ort_bench.py (default: the repository's export/ort_bench.py)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="time ONNX files that have no sidecar (.json), which cannot be checked against the "
+                        "export; by default such a file is refused")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="report.md, report.json and plots from one or several run directories",
+        description="Write report.md, report.json and plots/*.png (layer scales with the threshold, "
+                    "MACs/params/latency/accuracy before and after, layers removed per stage; with "
+                    "several runs also accuracy against MACs) from prune.json, metrics.json and "
+                    "bench.json.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", help="output directory (default: RUN_DIR; required with several runs)")
+    p.add_argument("--baseline", metavar="RUN_DIR|ACC",
+                   help="baseline: a run directory of the same schedule without L1 (or its accuracy in %%); "
+                        "default: the recipe's report.baseline")
+    p.add_argument("--no-latency", action="store_true",
+                   help="report without bench.json (no latency); by default a missing bench.json is an error")
+    p.set_defaults(func=cmd_report)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -138,50 +217,12 @@ def _check_model_kwargs(recipe) -> None:
 
 
 def _prepare_run_dir(args: argparse.Namespace, recipe):
-    from .serialization import remove_stale_temp
-    from .train.pipeline import RunDir
+    from .rundir import RunDir, default_out
 
-    out = args.out or _default_out(recipe)
+    out = args.out or default_out(recipe)
     if not _is_main():  # torchrun ranks > 0 only read; rank 0 owns the directory
         return RunDir(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a directory")
-    results = _results_in(out)
-    if results and not args.resume:
-        raise FileExistsError(f"run directory {out} exists and is not empty: pass --resume to continue it, "
-                              "or choose another --out (nothing was overwritten)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PermissionError(f"cannot write the run directory {out}: {exc.strerror or exc}; "
-                              "choose a writable --out") from None
-    run = RunDir(out)
-    if results and (out / "recipe.json").is_file():  # --resume of a run with results
-        old = run.recipe()
-        if old != recipe:
-            raise ValueError(f"--resume: the recipe differs from {out}/recipe.json; resume with the same recipe")
-    elif (out / "recipe.json").is_file():
-        logger.info("reusing %s: it holds no results (only the recipe.json of a run that failed early)", out)
-    for d in (out, out / "checkpoints", out / "onnx"):  # leftovers of a run killed mid-write
-        for f in remove_stale_temp(d):
-            logger.info("removed %s (a partial file of a run that was killed)", f)
-    run.write_json("recipe.json", recipe.to_dict())
-    return run
-
-
-def _default_out(recipe) -> Path:
-    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _results_in(out: Path) -> list[Path]:
-    """Files of ``out`` other than ``recipe.json`` (a run that failed before writing anything
-    else holds no results, and its directory may be used again)."""
-    if not out.is_dir():
-        return []
-    return [f for f in out.rglob("*") if f.is_file() and f != out / "recipe.json" and ".tmp-" not in f.name]
+    return RunDir.create(out, recipe, resume=args.resume)
 
 
 def _is_main() -> bool:
@@ -193,13 +234,14 @@ def _maybe_parallel(args: argparse.Namespace, recipe):
     if recipe.engine == "serial" and recipe.nproc == 1:
         return None, None
     from .parallel import launch
+    from .rundir import default_out
     from .train.pipeline import engine_config, make_engine
 
     engine_config(recipe)  # bad engine names/options fail here, before torchrun or any file
     if "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start the processes
         argv = sys.argv[1:]
         if args.out is None:  # one run directory for all ranks, named in a failure report
-            args.out = _default_out(recipe)
+            args.out = default_out(recipe)
             argv = [*argv, "--out", str(args.out)]
         return _launch_result(args, launch.relaunch_with_torchrun(recipe.nproc, argv)), None
     launch.init_distributed()
@@ -224,8 +266,8 @@ def _launch_result(args: argparse.Namespace, failure) -> int:
 
 
 def cmd_train(args: argparse.Namespace, full: bool = False) -> int:
+    from . import stages
     from .data import check_data
-    from .train import pipeline
 
     recipe = _resolve_recipe(args)
     check_data(recipe.data.dataset, recipe.data.data_dir)  # before any process or file
@@ -236,11 +278,13 @@ def cmd_train(args: argparse.Namespace, full: bool = False) -> int:
     if _is_main():
         logger.info("run directory: %s", run.path)
     if full:  # with an engine: train and fine-tune layer-parallel, the other stages on rank 0
-        pipeline.run_all(recipe, run, resume=args.resume, engine_factory=factory)
+        stages.run_all(recipe, run, resume=args.resume, engine_factory=factory)
         if _is_main():
-            _print_summary(run)
+            from .report import run_summary
+
+            print("\n".join(run_summary(run)))
     else:
-        pipeline.stage_train(recipe, run, resume=args.resume, engine_factory=factory)
+        stages.stage_train(recipe, run, resume=args.resume, engine_factory=factory)
     return 0
 
 
@@ -249,17 +293,73 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    """``resprune prune|finetune|fuse RUN_DIR``: the stage with the run's recipe (``--set``
+    overrides are written to its recipe.json first)."""
+    from . import stages
     from .config import apply_overrides
-    from .train import pipeline
+    from .rundir import RunDir
 
-    run = pipeline.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     recipe = run.recipe()
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides)
         run.write_json("recipe.json", recipe.to_dict())
-    getattr(pipeline, f"stage_{args.stage}")(recipe, run)
+    getattr(stages, f"stage_{args.stage}")(recipe, run)
     if args.stage == "fuse":
         logger.info("wrote %s and %s", run / "fused.pt", run / "fused_unpruned.pt")
+    return 0
+
+
+def _export_config(**given):
+    """:class:`ExportConfig` with the options given on the command line (None: its default)."""
+    from .config import ExportConfig
+
+    return dataclasses.replace(ExportConfig(), **{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .stages import stage_export
+    from .stages.export import ONNX_FILES
+
+    res = stage_export(args.run_dir, _export_config(opset=args.opset, atol=args.atol, rtol=args.rtol),
+                       input_size=tuple(args.input_size) if args.input_size else None,
+                       dynamic_batch=not args.static_batch)
+    for key, info in res.items():
+        chk = info["check"]
+        print(f"{key:>9}: {args.run_dir / ONNX_FILES[key][1]}  opset {info['opset']}, "
+              f"{info['macs_per_sample'] / 1e6:.2f} M MACs, {info['params'] / 1e6:.3f} M params, "
+              f"onnxruntime max |diff| {chk['max_abs_diff']:.2g} (tol {chk['atol']:g}), ops "
+              + ", ".join(f"{k}×{v}" for k, v in info["op_types"].items()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .stages import stage_bench
+
+    cfg = _export_config(bench_batches=args.batch, bench_runs=args.runs, bench_warmup=args.warmup,
+                         bench_threads=args.threads)
+    stage_bench(args.run_dir, cfg, providers=args.providers, memory=not args.no_memory, tool=args.tool,
+                allow_unverified=args.allow_unverified)
+    print(f"wrote {args.run_dir / 'bench.json'}")
+    return 0
+
+
+def _baseline_arg(v: str | None) -> str | float | None:
+    """``--baseline``: an accuracy figure when it parses as a number, else a run directory."""
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .stages import stage_report
+
+    rep = stage_report(args.run_dirs, args.out, latency=not args.no_latency, baseline=_baseline_arg(args.baseline))
+    print(f"wrote {Path(rep['out']) / 'report.md'}, report.json and "
+          f"{sum(len(v) for v in rep['plots']['per_run'].values()) + bool(rep['plots']['acc_vs_macs'])} plots")
     return 0
 
 
@@ -282,70 +382,49 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(run) -> None:
-    """The closing table of `resprune run`: before/after accuracy, MACs, params, latency."""
-    m = run.read_json("metrics.json").get("stages", {})
-    bench = run.read_json("bench.json")
-    lat = {}
-    for r in bench.get("results", []):
-        if r.get("batch") == 1:
-            lat[Path(r["model"]).stem] = r.get("median_ms")
-    before, after = m.get("unpruned_fused") or m.get("sparse", {}), m.get("fused", {})
-    acc_after = (m.get("finetuned") or m.get("pruned") or {}).get("test_acc")
-    rows = [("", "before", "after", "change")]
-
-    def fmt(a, b, unit, scale=1.0, nd=2):
-        if a is None or b is None:
-            return (unit, "-", "-", "-")
-        return (unit, f"{a / scale:.{nd}f}", f"{b / scale:.{nd}f}",
-                f"{100 * (b - a) / a:+.1f}%" if unit != "test accuracy (%)" else f"{b - a:+.2f} pt")
-
-    rows.append(fmt(m.get("sparse", {}).get("test_acc"), acc_after, "test accuracy (%)"))
-    rows.append(fmt(before.get("macs"), after.get("macs"), "MACs (M)", 1e6))
-    rows.append(fmt(before.get("params"), after.get("params"), "params (M, fused)", 1e6, 3))
-    rows.append(fmt(lat.get("unpruned"), lat.get("pruned"), "latency bs=1 (ms, ORT)", 1.0, 3))
-    pr = m.get("pruned", {})
-    print(f"\nresprune run: {run.path}")
-    for r in rows:
-        print(f"  {r[0]:<24}{r[1]:>10}{r[2]:>10}{r[3]:>10}")
-    print(f"  layers removed per stage: {pr.get('removed_per_stage', {})} ({pr.get('removed', 0)} units)")
-    if (run / "report.md").is_file():
-        print(f"  report: {run / 'report.md'}")
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet or not _is_main() else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
-    from .config import RecipeError
-    from .data import DatasetNotFound
-    from .serialization import CheckpointError
-    from .train import TrainingDiverged
+    from .errors import ResPruneError
 
+    rank = "LOCAL_RANK" in os.environ  # a torchrun rank: the launcher prints one line for all ranks
     try:
         code = int(args.func(args) or 0)
-    except (RecipeError, DatasetNotFound, CheckpointError, TrainingDiverged, OSError, ValueError, KeyError,
-            RuntimeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        line = f"resprune {args.command}: error: {msg}"
-        if "LOCAL_RANK" in os.environ:  # a torchrun rank: the launcher prints one line for all ranks
-            from .parallel.launch import record_error
-
-            code = record_error(line, exc)
-        else:
-            print(line, file=sys.stderr)
-            code = 2
+    except (ResPruneError, OSError) as exc:  # bad input, a missing or unwritable file: one line
+        if args.debug:
+            traceback.print_exc()
+        code = _error_line(args, exc, rank)
     except KeyboardInterrupt:
-        if "LOCAL_RANK" not in os.environ:  # torchrun ranks: the launcher says it once
+        if not rank:  # torchrun ranks: the launcher says it once
             print("interrupted", file=sys.stderr)
         code = 130
-    if "LOCAL_RANK" in os.environ:  # a torchrun rank: leave through the gloo exit workaround
+    except Exception as exc:  # a bug: its traceback (a rank also records its line for the launcher)
+        if not rank:
+            raise
+        from .parallel.launch import is_peer_failure
+
+        if not is_peer_failure(exc):  # a rank that only lost a dead peer stays quiet
+            traceback.print_exc()
+        code = _error_line(args, exc, rank)
+    if rank:  # leave through the gloo exit workaround
         from .parallel.launch import finalize
 
         finalize(code)
     return code
+
+
+def _error_line(args: argparse.Namespace, exc: BaseException, rank: bool) -> int:
+    """Print (in a torchrun rank: record) the one-line error; the exit code."""
+    line = f"resprune {args.command}: error: {exc}"
+    if rank:
+        from .parallel.launch import record_error
+
+        return record_error(line, exc)  # PEER_LOST when another rank broke the connection
+    print(line, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ from typing import Any
 
 from .data import DATASETS, DEFAULT_FLIP, DEFAULT_PAD
 from .errors import ResPruneError
+from .onnx import DEFAULT_ATOL, DEFAULT_RTOL
+from .sparsity import DEFAULT_THRESHOLD
 
 __all__ = [
     "ModelConfig", "DataConfig", "TrainConfig", "PruneStageConfig", "ExportConfig", "ReportConfig", "Recipe",
     "RecipeError", "load_recipe", "recipe_from_dict", "apply_overrides", "recipe_dirs", "list_recipes",
+    "DEFAULT_THRESHOLD",
 ]
 
 CONFIG_VERSION = 1
@@ -126,37 +129,48 @@ class TrainConfig:
 class PruneStageConfig:
     """The pruning rule (see :class:`resprune.PruneConfig`): one of threshold / target_macs."""
 
-    threshold: float | None = 1e-2
+    threshold: float | None = DEFAULT_THRESHOLD
     target_macs: float | int | None = None
     rank: str = "scale"
     min_layers_per_stage: int = 1
 
     @property
     def report_threshold(self) -> float:
-        """The |scale| threshold statistics are reported against (1e-2 in budget mode)."""
-        return self.threshold if self.threshold is not None else 1e-2
+        """The |scale| threshold statistics are reported against (:data:`DEFAULT_THRESHOLD`
+        in budget mode)."""
+        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLD
 
-    def to_prune_config(self, input_size: tuple[int, ...]):
+    def to_prune_config(self, input_size: tuple[int, ...] | None = None):
+        """The :class:`resprune.PruneConfig` of this rule (``input_size``: PruneConfig's default
+        when not given)."""
         from .prune import PruneConfig
 
-        return PruneConfig(
-            threshold=self.threshold, target_macs=self.target_macs, rank=self.rank,
-            min_layers_per_stage=self.min_layers_per_stage, input_size=input_size,
-        )
+        size = {} if input_size is None else {"input_size": input_size}
+        return PruneConfig(threshold=self.threshold, target_macs=self.target_macs, rank=self.rank,
+                           min_layers_per_stage=self.min_layers_per_stage, **size)
 
     def __post_init__(self) -> None:
         try:
-            self.to_prune_config((1, 3, 32, 32))
+            self.to_prune_config()
         except ValueError as exc:
             raise RecipeError(f"prune: {exc}") from exc
 
 
 @dataclass(frozen=True)
 class ExportConfig:
+    """ONNX export and latency benchmark of a run: the one place their defaults are defined
+    (``resprune export``/``bench`` and the ``export``/``bench`` stages take them from here).
+
+    ``atol``, ``rtol``: the onnxruntime check fails when the max |difference| of the logits
+    exceeds ``atol + rtol·max|logit|`` (the relative part keeps float32 rounding of nets with
+    huge logits, e.g. after a very short training run, from failing it; 1e-6 is ~6× the
+    rounding floor measured on such a ResNet-56).
+    """
+
     onnx: bool = True
     opset: int | None = None
-    atol: float = 1e-4  # onnxruntime check: max |difference| of the logits ≤ atol + rtol·max|logit|
-    rtol: float = 1e-6
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
     bench: bool = True
     bench_batches: tuple = (1, 64)
     bench_runs: int = 30

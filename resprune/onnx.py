@@ -58,7 +58,7 @@ from torch import nn
 from .errors import ResPruneError
 from .fuse import fuse
 from .layers import ConvBN2d, OptionAShortcut, ResConv2d, option_a
-from .profile import profile
+from .profile import DEFAULT_INPUT_SIZE, profile
 from .util import atomic_write, training_mode
 from .version import __version__
 
@@ -303,7 +303,7 @@ def _sidecar(path: Path, file: Path, proto, deploy: nn.Module, input_size: tuple
     return info
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (1, 3, 32, 32),
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = DEFAULT_INPUT_SIZE,
                 dynamic_batch: bool = True, opset: int | None = None, *, verify: bool = True,
                 source: str | os.PathLike | None = None, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
                 check_batches: tuple[int, int] = (1, 5), metadata: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -27,6 +27,9 @@ from torch import nn
 
 __all__ = ["LayerProfile", "Profile", "profile"]
 
+#: The input size every API defaults to: one CIFAR-sized RGB image.
+DEFAULT_INPUT_SIZE: tuple[int, ...] = (1, 3, 32, 32)
+
 
 @dataclass
 class LayerProfile:
@@ -63,7 +66,7 @@ class Profile:
 
 
 def profile(
-    model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32), device: str | None = None
+    model: nn.Module, input_size: tuple[int, ...] = DEFAULT_INPUT_SIZE, device: str | None = None
 ) -> Profile:
     """Count MACs and parameters of ``model`` for one forward pass of ``input_size``.
 

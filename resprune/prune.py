@@ -42,15 +42,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .errors import ResPruneError
 from .layers import ConvBN2d, ResConv2d
 from .models.arch import ArchRecord
-from .profile import profile
+from .profile import DEFAULT_INPUT_SIZE, profile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PruneConfig", "PruneReport", "RemovalUnit", "RemovedLayer", "removal_units", "prune_", "remove_units_"]
+__all__ = ["PruneConfig", "PruneError", "PruneReport", "RemovalUnit", "RemovedLayer", "removal_units", "prune_", "remove_units_"]
 
 RANKS = ("scale", "scale_per_mac")
+
+
+class PruneError(ResPruneError, ValueError):
+    """A pruning request that cannot be met or makes no sense; nothing was removed."""
 
 
 @dataclass(frozen=True)
@@ -69,30 +74,30 @@ class PruneConfig:
     target_macs: float | int | None = None
     rank: str = "scale"
     min_layers_per_stage: int = 1
-    input_size: tuple[int, ...] = (1, 3, 32, 32)
+    input_size: tuple[int, ...] = DEFAULT_INPUT_SIZE
     version: int = 1
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.target_macs is None):
-            raise ValueError("PruneConfig needs exactly one of threshold= or target_macs=")
+            raise PruneError("PruneConfig needs exactly one of threshold= or target_macs=")
         if self.threshold is not None:
             t = self.threshold
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-                raise ValueError(f"threshold must be a finite number > 0, got {t!r}")
+                raise PruneError(f"threshold must be a finite number > 0, got {t!r}")
         if self.target_macs is not None:
             b = self.target_macs
             if isinstance(b, bool) or not isinstance(b, (int, float)):
-                raise ValueError(f"target_macs must be a float in (0, 1] or an int > 0, got {b!r}")
+                raise PruneError(f"target_macs must be a float in (0, 1] or an int > 0, got {b!r}")
             if isinstance(b, float) and not (0.0 < b <= 1.0):
-                raise ValueError(
+                raise PruneError(
                     f"target_macs={b} as a fraction must lie in (0, 1]; pass an int for an absolute budget"
                 )
             if isinstance(b, int) and b <= 0:
-                raise ValueError(f"target_macs={b} as an absolute budget must be > 0")
+                raise PruneError(f"target_macs={b} as an absolute budget must be > 0")
         if self.rank not in RANKS:
-            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+            raise PruneError(f"rank must be one of {RANKS}, got {self.rank!r}")
         if self.min_layers_per_stage < 0:
-            raise ValueError("min_layers_per_stage must be >= 0")
+            raise PruneError("min_layers_per_stage must be >= 0")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
 
 
@@ -225,7 +230,7 @@ def remove_units_(model: nn.Module, names: list[str]) -> nn.Module:
             if pname:
                 model.set_submodule(pname, new)
             else:
-                raise ValueError("cannot remove layers from a model that is itself a Sequential")
+                raise PruneError("cannot remove layers from a model that is itself a Sequential")
         else:
             for child, repl in children.items():
                 # resprune's own blocks (without_branch) have no in-place ops: no copy needed
@@ -241,7 +246,7 @@ def _check_stages(units: list[RemovalUnit], chosen: list[RemovalUnit], layers: d
     for stage in sorted({u.stage for u in chosen}):
         left = [l for l in layers if l.split(".")[0] == stage and l not in gone]
         if len(left) < min_keep:
-            raise ValueError(
+            raise PruneError(
                 f"pruning would leave stage {stage!r} with {len(left)} conv layers "
                 f"(min_layers_per_stage={min_keep}); raise the threshold's selectivity "
                 "(a smaller threshold) or the MACs budget. Nothing was removed."
@@ -307,7 +312,7 @@ def _select_budget(units, layers, total, config: PruneConfig) -> list[RemovalUni
         per_stage[u.stage] = stage_left
         macs -= sum(layers[l] for l in new)
     if macs > budget:
-        raise ValueError(
+        raise PruneError(
             f"target_macs={b} (budget {budget:,} MACs of {total:,}) cannot be met: removing every "
             f"removable layer the stage rule allows leaves {macs:,} MACs "
             f"({100 * macs / total:.1f}%). Nothing was removed."

@@ -28,15 +28,17 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import ResPruneError
+from .util import atomic_write, hardware
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunDir", "RunDirError", "STAGES", "OUTPUTS", "producer", "stage_config"]
+__all__ = ["RunDir", "RunDirError", "StageError", "STAGES", "OUTPUTS", "producer", "stage_config", "default_out"]
 
 STAGES = ("train", "prune", "finetune", "fuse", "export", "bench", "report")  # each depends on those before
 OUTPUTS = {  # the results of each stage (recorded with their sha256; moved to stale/ when invalidated)
@@ -60,6 +62,12 @@ class RunDirError(ResPruneError, FileNotFoundError):
     message names the stage(s) to re-run)."""
 
 
+class StageError(ResPruneError, ValueError):
+    """A stage cannot do what it was asked with these inputs or options (a pruning threshold
+    that would empty a network stage, a checkpoint without its input size, several run
+    directories without ``--out``); the message says what to change."""
+
+
 def producer(rel: str) -> str | None:
     """The stage that writes ``rel`` (None for files every stage writes, e.g. metrics.json)."""
     return next((s for s, outs in OUTPUTS.items() if rel in outs), None)
@@ -69,6 +77,19 @@ def stage_config(recipe, stage: str) -> dict:
     """The recipe sections ``stage``'s results depend on (recorded in its provenance)."""
     d = recipe.to_dict()
     return {k: d[k] for k in CONFIG.get(stage, ())}
+
+
+def default_out(recipe) -> Path:
+    """``runs/<recipe>-<time>``: the run directory when none is given."""
+    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _results_in(out: Path) -> list[Path]:
+    """Files of ``out`` other than ``recipe.json`` (a run that failed before writing anything
+    else holds no results, and its directory may be used again)."""
+    if not out.is_dir():
+        return []
+    return [f for f in out.rglob("*") if f.is_file() and f != out / "recipe.json" and ".tmp-" not in f.name]
 
 
 def _now() -> str:
@@ -99,6 +120,46 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
+    def __fspath__(self) -> str:  # a RunDir is accepted wherever a path is (``RunDir(run)`` too)
+        return str(self.path)
+
+    @classmethod
+    def create(cls, out: str | os.PathLike, recipe, resume: bool = False) -> RunDir:
+        """The run directory ``out`` of a new run (``resume``: of a run to continue), with
+        ``recipe.json`` written. Refused with :class:`OSError`: ``out`` is a file, is not
+        writable, or holds results and ``resume`` is not set (nothing is overwritten); with
+        :class:`~resprune.config.RecipeError`: ``resume`` with another recipe. Partial files
+        of a killed run are removed."""
+        from .config import RecipeError
+        from .serialization import remove_stale_temp
+
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--out {out} is a file, not a directory")
+        results = _results_in(out)
+        if results and not resume:
+            raise FileExistsError(f"run directory {out} exists and is not empty: pass --resume to continue it, "
+                                  "or choose another --out (nothing was overwritten)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(f"cannot write the run directory {out}: {exc.strerror or exc}; "
+                                  "choose a writable --out") from None
+        run = cls(out)
+        if results and (out / "recipe.json").is_file():  # --resume of a run with results
+            if run.recipe() != recipe:
+                raise RecipeError(f"--resume: the recipe differs from {out}/recipe.json; resume with the same recipe")
+        elif (out / "recipe.json").is_file():
+            logger.info("reusing %s: it holds no results (only the recipe.json of a run that failed early)", out)
+        for d in (out, out / "checkpoints", out / "onnx"):  # leftovers of a run killed mid-write
+            for f in remove_stale_temp(d):
+                logger.info("removed %s (a partial file of a run that was killed)", f)
+        run.write_json("recipe.json", recipe.to_dict())
+        return run
+
     def command(self, stage: str) -> str:
         """How to (re-)run ``stage`` on this directory."""
         return f"resprune train RECIPE --out {self.path}" if stage == "train" else f"resprune {stage} {self.path}"
@@ -112,15 +173,10 @@ class RunDir:
             raise RunDirError(f"{p}: not valid JSON ({exc}); re-run the stage that writes it") from exc
 
     def write_json(self, name: str, data: dict) -> None:
-        p = self.path / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2, default=float))
-        os.replace(tmp, p)
+        with atomic_write(self.path / name) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, default=float))
 
     def update_metrics(self, key: str, values: dict) -> None:
-        from .train.pipeline import hardware
-
         m = self.read_json("metrics.json")
         m.setdefault("stages", {})[key] = values
         m["hardware"] = hardware()

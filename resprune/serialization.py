@@ -48,6 +48,7 @@ from .errors import ResPruneError
 from .fuse import fuse_
 from .models import convert_, create_model
 from .models.arch import ArchRecord
+from .profile import DEFAULT_INPUT_SIZE
 from .prune import remove_units_
 from .util import atomic_write, training_mode
 from .version import __version__
@@ -280,7 +281,7 @@ _PROGRAM_OP = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")
 _PROGRAM_EXPR = re.compile(r"Symbol\('s\d+', positive=True, integer=True\)|(?!.*\*\*)[s\d+*() -]{1,64}")
 
 
-def save_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (1, 3, 32, 32),
+def save_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = DEFAULT_INPUT_SIZE,
                  dynamic_batch: bool = True) -> None:
     """Trace the eval-mode ``model`` with :func:`torch.export.export` and write the program
     to ``path`` (a ``.pt2`` archive, atomically), to be run by :func:`load_program` without

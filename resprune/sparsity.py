@@ -16,6 +16,10 @@ from torch import nn
 
 from .layers import ResConv2d
 
+#: The default pruning rule, ``|scale| < 1e-2``; also the threshold that the "scales below the
+#: threshold" statistics of training and of a MACs-budget run are counted against.
+DEFAULT_THRESHOLD = 1e-2
+
 __all__ = ["LayerScaleL1", "LayerSmoothness", "RegularizerSum", "same_structure", "removable_scales",
            "scale_stats", "ScaleStats"]
 
@@ -140,7 +144,7 @@ class ScaleStats:
         )
 
 
-def scale_stats(model: nn.Module, threshold: float = 1e-2) -> ScaleStats:
+def scale_stats(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> ScaleStats:
     """Layer-scale values of the removable layers and how many fall under ``threshold``."""
     items = removable_scales(model)
     vals = [float(m.scale.detach()) for _, m in items]

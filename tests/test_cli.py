@@ -37,8 +37,34 @@ def test_run_writes_the_documented_files(run_dir, capsys):
     assert {"sparse", "pruned", "finetuned", "fused", "unpruned_fused"} <= set(m)
     assert m["fused"]["test_acc"] == pytest.approx(m["finetuned"]["test_acc"], abs=0.3)
     assert json.loads((run_dir / "recipe.json").read_text())["train"]["epochs"] == 2
-    # a pruned model reloads without the pruning code path
-    assert rp.load(run_dir / "fused.pt") is not None
+    # a pruned model reloads without the pruning code path: the fused model the files describe
+    payload = rp.serialization.load_payload(run_dir / "fused.pt")
+    size, deploy = tuple(payload["extra"]["input_size"]), payload["extra"]["deploy"]
+    fused = rp.load(run_dir / "fused.pt").eval()
+    assert size == (1, 1, 16, 16) and deploy["classes"] == [str(c) for c in range(10)]  # digits, upsampled to 16×16
+    assert not any(isinstance(x, (rp.ResConv2d, torch.nn.BatchNorm2d)) for x in fused.modules())
+    assert fused(torch.zeros(2, *size[1:])).shape == (2, 10) and deploy["test_accuracy"] == m["fused"]["test_acc"]
+    prune = json.loads((run_dir / "prune.json").read_text())
+    assert rp.profile(fused, size).macs == m["fused"]["macs"] == m["pruned"]["macs"] == prune["macs_after"]
+    assert prune["macs_after"] <= prune["macs_before"] == m["sparse"]["macs"] == m["unpruned_fused"]["macs"]
+    sc = prune["scales"]
+    assert sc["threshold"] == 0.02 and len(sc["names"]) == len(sc["values"]) > 0
+    assert len(prune["removed"]) == m["pruned"]["removed"] == sum(prune["removed_per_stage"].values())
+    assert all(abs(v) < 0.02 for n, v in zip(sc["names"], sc["values"]) if n in prune["removed"])
+    assert m["fused"]["check"]["max_abs_diff"] <= 1e-4 * max(1.0, m["fused"]["check"]["max_abs_logit"])
+    assert {"cpu", "cores", "torch", "python"} <= set(json.loads((run_dir / "metrics.json").read_text())["hardware"])
+    side = json.loads((run_dir / "onnx" / "pruned.json").read_text())
+    assert side["source"]["sha256"] == rp.onnx.sha256_file(run_dir / "fused.pt")
+    assert side["macs_per_sample"] == m["fused"]["macs"] and side["test_accuracy"] == m["fused"]["test_acc"]
+    bench = json.loads((run_dir / "bench.json").read_text())
+    assert {b["name"]: b["sha256"] for b in bench["models"]} == {
+        k: rp.onnx.sha256_file(run_dir / "onnx" / f"{k}.onnx") for k in ("unpruned", "pruned")}
+    assert {(r["model"], r["batch"], r["runs"]) for r in bench["results"]} == {("unpruned", 1, 3), ("pruned", 1, 3)}
+    rep = json.loads((run_dir / "report.json").read_text())["runs"][0]
+    assert rep["after"]["stage"] == "finetuned" and rep["after"]["test_acc"] == m["finetuned"]["test_acc"]
+    assert rep["after"]["macs"] == m["finetuned"]["macs"] and set(rep["latency"]) == {"1"}
+    md = (run_dir / "report.md").read_text()
+    assert f"| test accuracy (%) | {m['sparse']['test_acc']:.2f} | {m['finetuned']['test_acc']:.2f} |" in md
     recs = json.loads((run_dir / "provenance.json").read_text())["stages"]
     assert all(recs[s]["state"] == "done" for s in ("train", "prune", "finetune", "fuse", "export", "bench", "report"))
     assert recs["fuse"]["inputs"].keys() == {"sparse.pt", "finetuned.pt"}
@@ -224,6 +250,53 @@ def test_prune_summary_once_and_what_to_change_when_nothing_is_removed(run_dir, 
     assert main(["prune", str(run_dir), "--set", "prune.threshold=0.02"]) == 0
     out = capsys.readouterr().out
     assert out.count("MACs") == 1, out  # the summary is printed once (prune_ logged it a second time)
+
+
+def test_fuse_compares_logits_not_accuracy(run_dir, monkeypatch, capsys):
+    """A fusion error that moves the logits by ~0.3% need not flip a prediction, so an accuracy
+    check can pass it; the logit check refuses it (one line, exit 2) and writes nothing."""
+    import resprune.stages.fuse as stage
+
+    real = stage.fuse
+    files = lambda: {p.name: p.read_bytes() for p in run_dir.glob("fused*.pt")}  # noqa: E731
+    record = lambda: json.loads((run_dir / "provenance.json").read_text())["stages"].get("fuse")  # noqa: E731
+    before = files(), record()
+
+    def slightly_off(model):
+        fused = real(model)
+        with torch.no_grad():
+            next(x for x in fused.modules() if isinstance(x, torch.nn.Conv2d)).weight.mul_(1.003)
+        return fused
+
+    monkeypatch.setattr(stage, "fuse", slightly_off)
+    assert main(["fuse", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "disagrees with the model it was fused from" in err and err.count("\n") == 1
+    assert (files(), record()) == before
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_ours(tmp_path, monkeypatch, capsys):
+    """Only resprune's own errors and OSErrors become one line; any other exception (here a
+    ZeroDivisionError or a KeyError in a stage) surfaces with its traceback. --debug shows the
+    traceback of resprune's own errors too, with the same one line and exit status."""
+    import resprune.stages as stages
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "recipe.json").write_text(rp.config.load_recipe("quickstart").to_json())
+    for bug in (ZeroDivisionError("division by zero"), KeyError("stages")):
+        def broken(recipe, run_dir, bug=bug):
+            raise bug
+
+        monkeypatch.setattr(stages, "stage_fuse", broken)
+        with pytest.raises(type(bug)):
+            main(["fuse", str(run)])
+        assert "error:" not in capsys.readouterr().err
+    assert main(["--debug", "train", "quickstart", "--set", "train.epoch=1", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "resprune.config.RecipeError" in err
+    assert err.splitlines()[-1].startswith("resprune train: error: unknown recipe key 'train.epoch'")
+    assert not (tmp_path / "d").exists()
 
 
 def test_models_without_a_match(capsys):

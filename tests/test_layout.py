@@ -1,6 +1,7 @@
-"""Imports flow one way (DESIGN.md §2): cli → train/parallel → prune/fuse/profile/onnx →
+"""Imports flow one way (DESIGN.md §2): cli → stages → train/parallel → prune/fuse/profile/onnx →
 models → layers → errors; nothing imports cli; export/, resprune.data and resprune.qmc stand
-alone (they may use resprune.errors and resprune.util)."""
+alone (they may use resprune.errors and resprune.util). Modules and functions stay small; only
+cli.py (and qmc's own cli.py) parse arguments."""
 
 import ast
 from pathlib import Path
@@ -42,7 +43,7 @@ def _imports(path: Path) -> set[str]:
 FILES = sorted(PKG.rglob("*.py"))
 CORE = ("layers", "models", "sparsity", "profile", "prune", "fuse", "onnx", "serialization")
 UPPER = ("resprune.train", "resprune.parallel", "resprune.report", "resprune.cli", "resprune.config",
-         "resprune.plots")
+         "resprune.plots", "resprune.stages", "resprune.rundir")
 
 
 def _top(mod: str) -> str:
@@ -78,5 +79,39 @@ def test_export_tool_imports_nothing_from_resprune():
 
 
 def test_modules_stay_small():
-    big = [(str(p.relative_to(ROOT)), n) for p in FILES if (n := len(p.read_text().splitlines())) > 700]
-    assert not big, f"modules over 700 lines (DESIGN asks for ~600): {big}"
+    big = [(str(p.relative_to(ROOT)), n) for p in FILES if (n := len(p.read_text().splitlines())) > 500]
+    assert not big, f"modules over 500 lines: {big}"
+
+
+# functions over the limit that are not part of the stages' restructuring yet (split them, then drop them here)
+LONG_FUNCTIONS = {("resprune/onnx.py", "export_onnx"), ("resprune/onnx.py", "verify_onnx"),
+                  ("resprune/qmc/surrogate.py", "train_surrogate")}
+
+
+def test_functions_stay_small():
+    """No function over 60 lines (docstring included) unless a ``# long:`` comment on its first
+    lines says why."""
+    big = []
+    for p in FILES:
+        lines = p.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                why = any("# long:" in line for line in lines[node.lineno - 1: node.lineno + 2])
+                if not why and (str(p.relative_to(ROOT)), node.name) not in LONG_FUNCTIONS:
+                    big.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not big, f"functions over 60 lines: {big}"
+
+
+def test_only_cli_parses_arguments():
+    users = {str(p.relative_to(ROOT)) for p in FILES if "argparse" in _imported_names(p)}
+    assert users <= {"resprune/cli.py", "resprune/qmc/cli.py"}, users
+
+
+def _imported_names(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out

@@ -1,4 +1,5 @@
-"""export / bench / report stages on a small run directory built here (nothing is trained).
+"""export / bench / report stages (resprune.stages) and the report (resprune.report) on a small
+run directory built here (nothing is trained).
 
 The run directory holds the files of docs/run-dir.md for a resnet20 with some layer scales
 set to 0 and made-up but plausible accuracies; latency comes from a short real benchmark
@@ -7,7 +8,6 @@ set to 0 and made-up but plausible accuracies; latency comes from a short real b
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -17,11 +17,11 @@ import torch
 
 import resprune as rp
 from helpers import randomize_
+from resprune.cli import main
+from resprune.config import ExportConfig
 from resprune.onnx import sha256_file, verify_onnx
-from resprune.report import (
-    RunDirError, add_bench_parser, add_export_parser, add_report_parser, bench_run_dir,
-    export_run_dir, write_report,
-)
+from resprune.rundir import RunDirError
+from resprune.stages import stage_bench, stage_export, stage_report
 
 ZEROED = ["layer1.1.conv1", "layer2.0.conv2", "layer3.1.conv2", "layer3.2.conv1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,8 +62,9 @@ def make_run_dir(d, acc=(91.8, 91.5)):
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs") / "r20-test"
     rep = make_run_dir(d)
-    export_run_dir(d)
-    bench_run_dir(d, batches=(1, 4), runs=5, warmup=1, threads=1, memory=False, quiet=True)  # memory: test_ort_bench
+    stage_export(d)
+    fast = ExportConfig(bench_batches=(1, 4), bench_runs=5, bench_warmup=1, bench_threads=1)
+    stage_bench(d, fast, memory=False, quiet=True)  # memory: test_ort_bench
     return d, rep
 
 
@@ -94,7 +95,7 @@ def test_bench_json(run_dir):
 
 def test_report_files_plots_and_numbers(run_dir):
     d, rep = run_dir
-    out = write_report([d])
+    out = stage_report([d])
     assert out["out"] == str(d)
     md = (d / "report.md").read_text()
     js = json.loads((d / "report.json").read_text())
@@ -134,20 +135,13 @@ def test_report_several_runs(run_dir, tmp_path):
     m["stages"]["finetuned"]["test_acc"] = 90.9
     (d2 / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="--out"):
-        write_report([d, d2])
+        stage_report([d, d2])
     out = tmp_path / "cmp"
-    rep = write_report([d, d2], out)
+    rep = stage_report([d, d2], out)
     assert (out / "plots" / "acc_vs_macs.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "plots" / "r20-other_scales.png").is_file()
     assert "## Across runs" in (out / "report.md").read_text()
     assert [r["after"]["test_acc"] for r in rep["runs"]] == [91.5, 90.9]
-
-
-def _cli():
-    p = argparse.ArgumentParser(prog="resprune")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_export_parser(sub), add_bench_parser(sub), add_report_parser(sub)
-    return p
 
 
 @pytest.mark.parametrize("missing, cmd, stage", [
@@ -162,19 +156,17 @@ def test_missing_file_names_file_and_stage(run_dir, tmp_path, capsys, missing, c
     d2 = tmp_path / "incomplete"
     shutil.copytree(d, d2)
     (d2 / missing).unlink()
-    args = _cli().parse_args([cmd, str(d2)])
-    assert args.func(args) == 2
+    assert main([cmd, str(d2)]) == 2
     err = capsys.readouterr().err
-    assert missing in err and stage in err and f"resprune {cmd}: error" in err
+    assert missing in err and stage in err and f"resprune {cmd}: error" in err and err.count("\n") == 1
     with pytest.raises(RunDirError):
-        {"report": lambda: write_report([d2]), "export": lambda: export_run_dir(d2),
-         "bench": lambda: bench_run_dir(d2)}[cmd]()
+        {"report": lambda: stage_report([d2]), "export": lambda: stage_export(d2),
+         "bench": lambda: stage_bench(d2)}[cmd]()
 
 
 def test_cli_report_handler(run_dir, tmp_path, capsys):
     d, _ = run_dir
-    args = _cli().parse_args(["report", str(d), "--out", str(tmp_path / "rep")])
-    assert args.func(args) == 0
+    assert main(["report", str(d), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").is_file()
     assert "report.md" in capsys.readouterr().out
 
@@ -189,20 +181,20 @@ def test_report_baseline_column(run_dir, tmp_path):
     (base / "metrics.json").write_text(json.dumps({"stages": {
         "sparse": stage(92.3), "pruned": stage(92.3), "finetuned": stage(92.6) | {"epochs": 5}}}))
     out = tmp_path / "with-base"
-    r = write_report([d], out, baseline=str(base))["runs"][0]
+    r = stage_report([d], out, baseline=str(base))["runs"][0]
     assert r["baseline"]["final_acc"] == 92.6 and r["baseline"]["epochs"] == 35
     assert r["vs_baseline_pt"] == pytest.approx(91.5 - 92.6)
     assert r["l1_cost_pt"] == pytest.approx(91.8 - 92.3)
     md = (out / "report.md").read_text()
     assert "baseline (run `r20-base`, 35 epochs, no L1, nothing pruned)" in md
     assert "| test accuracy (%) | 92.60 | 91.50 | -1.10 pt |" in md and "(-0.50 pt)" in md
-    fig = write_report([d], tmp_path / "fig", baseline=93.0)["runs"][0]
+    fig = stage_report([d], tmp_path / "fig", baseline=93.0)["runs"][0]
     assert fig["vs_baseline_pt"] == pytest.approx(-1.5) and fig["l1_cost_pt"] is None
     with pytest.raises(RunDirError, match="does not exist"):
-        write_report([d], tmp_path / "x", baseline=str(tmp_path / "nope"))
+        stage_report([d], tmp_path / "x", baseline=str(tmp_path / "nope"))
     assert not (tmp_path / "x").exists()  # nothing written on a bad baseline
     # no baseline: no column, as before
-    assert write_report([d], tmp_path / "none")["runs"][0]["baseline"] is None
+    assert stage_report([d], tmp_path / "none")["runs"][0]["baseline"] is None
 
 
 def test_bench_refuses_an_onnx_without_its_sidecar(run_dir, tmp_path, capsys):
@@ -219,15 +211,13 @@ def test_bench_refuses_an_onnx_without_its_sidecar(run_dir, tmp_path, capsys):
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
     onnx.save(proto, str(d2 / "onnx" / "pruned.onnx"))
     (d2 / "onnx" / "pruned.json").unlink()
-    args = _cli().parse_args(["bench", str(d2), "--batch", "1", "--runs", "2", "--warmup", "1", "--threads", "1",
-                              "--no-memory"])
-    assert args.func(args) == 2
+    fast = ["--batch", "1", "--runs", "2", "--warmup", "1", "--threads", "1", "--no-memory"]
+    assert main(["bench", str(d2), *fast]) == 2
     err = capsys.readouterr().err
     assert "pruned.onnx: its sidecar pruned.json is missing" in err and "--allow-unverified" in err
     assert err.count("\n") == 1 and not (d2 / "bench.json").exists()
-    args = _cli().parse_args(["bench", str(d2), "--batch", "1", "--runs", "2", "--warmup", "1", "--threads", "1",
-                              "--no-memory", "--allow-unverified"])
-    assert args.func(args) == 0 and (d2 / "bench.json").is_file()
+    assert main(["bench", str(d2), *fast, "--allow-unverified"]) == 0 and (d2 / "bench.json").is_file()
+    assert json.loads((d2 / "bench.json").read_text())["settings"]["runs"] == 2  # the options reach the tool
 
 
 def _onnx_set(d):
@@ -251,12 +241,12 @@ def test_export_that_fails_midway_keeps_the_previous_set(run_dir, tmp_path, monk
 
     monkeypatch.setattr(ronnx, "export_onnx", fail_on_pruned)
     with pytest.raises(ronnx.OnnxVerificationError, match="injected"):
-        export_run_dir(d2)
+        stage_export(d2)
     assert _onnx_set(d2) == before
     assert not [p for p in d2.rglob("*") if ".tmp-" in p.name]
     assert json.loads((d2 / "provenance.json").read_text())["stages"]["export"]["state"] == "done"
     assert verify_onnx(d2 / "onnx" / "pruned.onnx")["functional"]
-    write_report([d2])  # bench.json still matches the set
+    stage_report([d2])  # bench.json still matches the set
 
 
 def test_export_killed_midway_is_refused_until_exported_again(run_dir, tmp_path, capsys):
@@ -274,14 +264,14 @@ def test_export_killed_midway_is_refused_until_exported_again(run_dir, tmp_path,
     script = (
         "import os, signal, sys\n"
         "import onnx\n"
-        "from resprune.report import export_run_dir\n"
+        "from resprune.stages import stage_export\n"
         "real = onnx.load\n"
         "def load_then_die(path, *a, **k):\n"
         "    if '/.pruned.onnx.tmp-' in str(path):  # the second file has just been written\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(path, *a, **k)\n"
         "onnx.load = load_then_die\n"
-        "export_run_dir(sys.argv[1])\n"
+        "stage_export(sys.argv[1])\n"
     )
     res = subprocess.run([sys.executable, "-c", script, str(d2)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -289,11 +279,10 @@ def test_export_killed_midway_is_refused_until_exported_again(run_dir, tmp_path,
     assert _onnx_set(d2) == before  # no mixed set
     assert [p.name.split(".tmp-")[0] for p in d2.glob(".*.tmp-*")] == [".onnx"]
     for argv in (["bench", str(d2)], ["report", str(d2)]):
-        args = _cli().parse_args(argv)
-        assert args.func(args) == 2
+        assert main(argv) == 2
         err = capsys.readouterr().err
         assert "`export` did not finish" in err and f"re-run `resprune export {d2}`" in err and err.count("\n") == 1
-    export_run_dir(d2)
+    stage_export(d2)
     assert not list(d2.glob(".*.tmp-*"))
     assert sorted(p.name for p in (d2 / "onnx").iterdir()) == ["pruned.json", "pruned.onnx", "unpruned.json",
                                                               "unpruned.onnx"]
@@ -307,7 +296,7 @@ def test_report_says_what_to_change_when_nothing_was_removed(run_dir, tmp_path):
     p = json.loads((d2 / "prune.json").read_text())
     p.update(removed=[], removed_per_stage={}, max_removed_scale=0.0, macs_after=p["macs_before"])
     (d2 / "prune.json").write_text(json.dumps(p))
-    write_report([d2], latency=False)
+    stage_report([d2], latency=False)
     md = (d2 / "report.md").read_text()
     assert "largest removed |s|" not in md
     assert "Nothing was removed (threshold |s| < 0.01). To remove layers, train with a larger L1 weight" in md
@@ -325,14 +314,14 @@ def test_report_says_within_noise(run_dir, tmp_path):
         if r["model"] == "pruned":
             r.update(ratio_interval=[0.93, 1.06], within_noise=True)
     (d2 / "bench.json").write_text(json.dumps(b))
-    write_report([d2])
+    stage_report([d2])
     rows = [x for x in (d2 / "report.md").read_text().splitlines() if x.startswith("| latency, batch")]
     assert len(rows) == 2 and all("(0.930–1.060, *within noise*)" in x for x in rows)
     for r in b["results"]:
         for k in ("q25_ms", "q75_ms", "ratio_interval", "within_noise"):
             r.pop(k, None)
     (d2 / "bench.json").write_text(json.dumps(b))
-    lat = write_report([d2])["runs"][0]["latency"]["1"]
+    lat = stage_report([d2])["runs"][0]["latency"]["1"]
     assert lat["ratio_interval"] is None and lat["before_iqr_ms"] is None and lat["ratio"] > 0
 
 
@@ -346,6 +335,6 @@ def test_params_are_the_fused_models(run_dir, tmp_path):
     m["stages"]["unpruned_fused"] = {"test_acc": 90.0, "macs": rep.macs_before, "params": 111_000}
     m["stages"]["fused"] = {"test_acc": 91.0, "macs": rep.macs_after, "params": 55_000}
     (run / "metrics.json").write_text(json.dumps(m))
-    r = write_report([run], tmp_path / "out", baseline=str(run))["runs"][0]
+    r = stage_report([run], tmp_path / "out", baseline=str(run))["runs"][0]
     assert (r["before"]["params"], r["after"]["params"], r["baseline"]["params"]) == (111_000, 55_000, 55_000)
     assert "| params (M, fused) | 0.111 | 0.055 |" in (tmp_path / "out" / "report.md").read_text()

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..serialization import CheckpointError
 from .comm import Comm, SingleComm
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def load_optimizer_state_by_name(
     """Restore what :func:`optimizer_state_by_name` saved, for the parameters in ``named``
     (the state of other names belongs to other ranks); group settings by group index."""
     if len(saved["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(f"cannot restore the optimizer: the checkpoint has {len(saved['param_groups'])} "
+        raise CheckpointError(f"cannot restore the optimizer: the checkpoint has {len(saved['param_groups'])} "
                          f"parameter groups, this optimizer {len(optimizer.param_groups)}")
     for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
         group.update(hyper)

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..profile import DEFAULT_INPUT_SIZE
 from .comm import Comm
 from .engines import register_engine
 from .mgrit_schedule import MGRITStep, describe_levels
@@ -126,7 +127,7 @@ class MGRITConfig:
     warm_start: bool | str = False
     initial: str = "coarse"
     coarse_params: str = "inject"
-    input_size: tuple[int, ...] = (1, 3, 32, 32)
+    input_size: tuple[int, ...] = DEFAULT_INPUT_SIZE
     version: int = 1
 
     def __post_init__(self) -> None:

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import DEFAULT_THRESHOLD, TrainConfig
 from ..errors import ResPruneError
-from ..config import TrainConfig
 from ..data import DeviceLoader
 from ..parallel.engines import load_optimizer_state_by_name, optimizer_state_by_name
 from ..serialization import CheckpointError, atomic_save, model_from_payload, model_payload
@@ -51,7 +51,7 @@ from ..sparsity import LayerScaleL1, LayerSmoothness, removable_scales, scale_st
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Trainer", "EpochResult", "TrainingDiverged", "evaluate", "select_device", "param_groups",
+    "Trainer", "EpochResult", "TrainingDiverged", "DeviceError", "evaluate", "select_device", "param_groups",
     "native_bf16", "resolve_precision",
 ]
 
@@ -62,6 +62,10 @@ RECALIBRATE_BATCHES = 32  # training batches used to re-estimate BN statistics (
 
 class TrainingDiverged(ResPruneError, RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class DeviceError(ResPruneError, RuntimeError):
+    """The device a recipe or ``--device`` asks for is not a device, or not one this machine has."""
 
 
 @dataclass
@@ -79,9 +83,12 @@ class EpochResult:
 def select_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:  # torch: "Expected one of cpu, cuda, ... device type at start of ..."
+        raise DeviceError(f"device {spec!r}: {exc}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available here")
+        raise DeviceError(f"device {spec!r} asked for, but CUDA is not available here")
     return dev
 
 
@@ -192,7 +199,8 @@ class Trainer:
         cfg: optimiser, schedule, L1 and precision settings.
         run_dir: where ``checkpoints/<stage>.pt`` and ``tb/`` go (None: no files).
         stage: name of this training stage ("sparse", "finetune") for files and logs.
-        threshold: pruning threshold, for the "scales below threshold" statistic.
+        threshold: pruning threshold, for the "scales below threshold" statistic (default:
+            the recipe's, :data:`resprune.config.DEFAULT_THRESHOLD`).
         engine: a layer-parallel engine (``resprune.parallel``); None trains serially.
         log: where per-epoch rows go (default: ``logger.info``).
     """
@@ -205,7 +213,7 @@ class Trainer:
         cfg: TrainConfig,
         run_dir: str | Path | None = None,
         stage: str = "train",
-        threshold: float = 1e-2,
+        threshold: float = DEFAULT_THRESHOLD,
         engine: Any = None,
         log: Callable[[str], None] | None = None,
     ) -> None:

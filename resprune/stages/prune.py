@@ -1,0 +1,48 @@
+"""The ``prune`` stage: ``sparse.pt`` → ``pruned.pt`` and ``prune.json`` (docs/run-dir.md)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import Recipe
+from ..errors import ResPruneError
+from ..prune import prune_
+from ..rundir import RunDir, StageError, stage_config
+from ..serialization import load, save
+from ..sparsity import scale_stats
+from ..train.loop import evaluate, select_device
+from ..train.pipeline import _loaders, loader_input_size
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["stage_prune"]
+
+
+def stage_prune(recipe: Recipe, run: RunDir) -> dict:
+    """Remove the layers ``recipe.prune`` selects from ``sparse.pt`` → ``pruned.pt``,
+    ``prune.json`` (the report and the layer scales before pruning) and the ``pruned`` entry
+    of ``metrics.json``; no fine-tuning yet. A rule that would empty a network stage or a
+    budget that cannot be met is a :class:`StageError`, and nothing is written."""
+    model = load(run.need("sparse.pt", "prune"))
+    device = select_device(recipe.train.device)
+    train_l, test_l = _loaders(recipe, device)
+    input_size = loader_input_size(train_l)
+    thr = recipe.prune.report_threshold
+    stats = scale_stats(model, thr)
+    try:
+        report = prune_(model, recipe.prune.to_prune_config(input_size))
+    except ResPruneError:
+        raise
+    except ValueError as exc:  # prune_'s refusals of the rule (they name it and what to change)
+        raise StageError(str(exc)) from exc
+    loss, acc = evaluate(model.to(device).eval(), test_l)
+    model = model.cpu()
+    values = {"test_acc": acc, "test_loss": loss, "macs": report.macs_after, "params": report.params_after,
+              "removed": len(report.removed), "removed_per_stage": report.removed_per_stage}
+    with run.writing("prune", stage_config(recipe, "prune"), inputs=["sparse.pt"]):
+        save(model, run / "pruned.pt", extra={"prune": report.to_dict(), "input_size": list(input_size)})
+        run.write_json("prune.json", {**report.to_dict(), "scales": {
+            "names": stats.names, "values": stats.values, "threshold": thr}})
+        run.update_metrics("pruned", values)
+    logger.info("[prune] %s; test accuracy %.2f%%", report.summary(), acc)
+    return values
