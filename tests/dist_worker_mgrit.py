@@ -14,7 +14,8 @@ reference and the mgrit engine collectively, and checks:
    transition) decrease the loss comparably to serial.
 
 The exit code is decided from the checks, then the process leaves with os._exit
-(NOTES-distributed.md). Prints one ``RESULT`` line per check on rank 0.
+(``resprune.parallel.finalize``: gloo may crash in the exit handlers after a successful run).
+Prints one ``RESULT`` line per check on rank 0.
 """
 
 from __future__ import annotations

@@ -45,16 +45,22 @@ def test_engines_register_with_their_config_class():
             engine_config(name, opts)
     eng = create_engine("pipeline", _chain(4), F.cross_entropy, _sgd, {"microbatches": 2})  # a dict works too
     assert eng.config.microbatches == 2 and eng.config.input_size is None and eng.input_size == (1, 3, 32, 32)
+    assert create_engine("local", _chain(4), F.cross_entropy, _sgd).config == LocalConfig()  # None: defaults
+    with pytest.raises(TypeError, match="pipeline engine needs PipelineConfig settings, got MGRITConfig"):
+        create_engine("pipeline", _chain(4), F.cross_entropy, _sgd, MGRITConfig())
 
 
 @pytest.mark.parametrize("cls,kw", [(PipelineConfig, dict(microbatches=0)), (PipelineConfig, dict(schedule="zb")),
                                     (LocalConfig, dict(queue=0)), (LocalConfig, dict(overlap=0)),
-                                    (LocalConfig, dict(aux_hidden=-1)), (LocalConfig, dict(input_size=(3,)))])
+                                    (LocalConfig, dict(aux_hidden=-1)), (LocalConfig, dict(input_size=(3,))),
+                                    (PipelineConfig, dict(input_size=(3,))), (MGRITConfig, dict(input_size=(3,)))])
 def test_config_validation(cls, kw):
     with pytest.raises(ValueError):
         cls(**kw)
     c = cls()
     assert cls(**c.to_dict()) == c
+    assert cls(input_size=None).input_size is None  # the engine infers it from the model
+    assert cls(input_size=[1, 3, 8, 8]).input_size == (1, 3, 8, 8)
 
 
 def test_recipes_know_every_registered_engine():
@@ -183,6 +189,34 @@ def test_released_layers_come_back_when_loaded():
         assert max(float((sd[k].double() - ref[k].double()).abs().max()) for k in ref) <= 1e-9
         with torch.no_grad():
             assert torch.allclose(out, ser.model(x), atol=1e-9)
+
+
+# ---- communication ----------------------------------------------------------------------------------
+def test_reversed_comm_renumbers_every_call():
+    """The adjoint's communicator implements the whole Comm interface, rank r appearing as
+    P−1−r in every call (point to point and collectives)."""
+    from resprune.parallel.comm import Comm, ReversedComm
+
+    names = ("isend", "send_nowait", "recv", "wait", "all_reduce_sum", "broadcast", "gather_object",
+             "broadcast_object")
+    assert all(getattr(ReversedComm, n) is not getattr(Comm, n) for n in names)
+
+    def fn(rank, comm):
+        rc = ReversedComm(comm)
+        me, got = rc.rank, None
+        if me < 2:
+            rc.isend(torch.tensor([float(rank)]), me + 1)
+        rc.wait()
+        if me > 0:
+            got = float(rc.recv((1,), me - 1, torch.zeros(1)))
+        return (me, got, float(rc.broadcast(torch.tensor([float(rank)]), 0)), rc.gather_object(me),
+                rc.broadcast_object(rank, 1), rc.all_reduce_sum([1.0]))
+
+    out = run_threads(3, fn)
+    assert [o[0] for o in out] == [2, 1, 0]
+    assert [o[1] for o in out] == [1.0, 2.0, None]  # base rank 1 hears from 2, rank 0 from 1
+    assert all(o[2] == 2.0 and o[4] == 1 and o[5] == [3.0] for o in out)  # reversed 0 and 1: base 2 and 1
+    assert [o[3] for o in out] == [None, None, [0, 1, 2]]  # gathered on reversed rank 0, in its order
 
 
 # ---- schedules as data -----------------------------------------------------------------------------

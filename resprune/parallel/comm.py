@@ -130,6 +130,18 @@ class ReversedComm(Comm):
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return self.base.all_reduce_sum(values)
 
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        return self.base.broadcast(t, self._r(src))
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        return self.base.broadcast_object(obj, self._r(src))
+
+    def gather_object(self, obj: object) -> list | None:
+        """Every rank's ``obj`` in this numbering, on this numbering's rank 0 (the base's
+        last rank): the base gathers on its rank 0, which then broadcasts the list."""
+        parts = self.base.broadcast_object(self.base.gather_object(obj), 0)
+        return parts[::-1] if self.rank == 0 else None
+
 
 class DistComm(Comm):
     """``torch.distributed`` default process group (or ``group``)."""

@@ -76,11 +76,13 @@ _CONFIGS: dict[str, type | None] = {}
 def register_engine(name: str, config: type | None = None):
     """Class decorator: make an engine available to :func:`create_engine` under ``name``;
     ``config`` is its settings dataclass (``None``: the engine takes none), which
-    :func:`engine_config` builds from a recipe's ``engine_options``."""
+    :func:`engine_config` builds from a recipe's ``engine_options``; it becomes the class's
+    ``config_class``."""
 
     def deco(cls):
         _ENGINES[name] = cls
         _CONFIGS[name] = config
+        cls.config_class = config
         return cls
 
     return deco

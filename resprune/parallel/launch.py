@@ -208,9 +208,13 @@ def record_error(line: str, exc: BaseException) -> int:
 def finalize(code: int = 0) -> NoReturn:
     """Leave a torchrun worker: destroy the process group, flush, ``os._exit(code)``.
 
-    gloo's threads can abort the interpreter at shutdown after all work is done
-    (NOTES-distributed.md); ``os._exit`` skips that shutdown. Decide ``code`` from what the
-    rank did before calling this.
+    After all work is done and succeeded, gloo's threads can still abort the interpreter
+    during its normal shutdown (in the exit handlers), which would turn a passing rank's exit
+    status into a failure. ``os._exit`` skips that shutdown, so the status is ``code`` and
+    nothing else: decide it from what the rank did before calling this. Output is flushed
+    first, because ``os._exit`` does not flush. For the same reason the multi-process tests
+    judge each check by the ``RESULT`` lines rank 0 prints (``tests/helpers.py``), not by
+    what happens at exit alone.
     """
     try:
         if dist.is_initialized():

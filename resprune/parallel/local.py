@@ -28,12 +28,15 @@ but a scalar loss (and, in the overlapping variant, the overlap gradients).
 Regularizers see only the rank's own layers: a smoothness penalty's pairs across chunk
 boundaries are dropped (exchanging them would couple the ranks every step).
 
-Example (one process: serial):
+Example (one process: serial, so the reported loss is this step's own, no delay):
     >>> import torch, resprune as rp
     >>> from resprune.parallel import create_engine, LocalConfig
+    >>> cfg = LocalConfig(variant="overlap", queue=2)
     >>> eng = create_engine("local", rp.create_model("resnet20"), torch.nn.functional.cross_entropy,
-    ...                     lambda p: torch.optim.SGD(p, lr=0.1), LocalConfig(variant="overlap"))
+    ...                     lambda p: torch.optim.SGD(p, lr=0.1), cfg)
     >>> loss = eng.step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    >>> eng.delay, loss == eng.stats["local_loss"]
+    (0, True)
 """
 
 from __future__ import annotations
@@ -42,14 +45,14 @@ import copy
 import logging
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .comm import Comm
 from .engines import register_engine
-from .stage import PhaseClock, StagedEngine, tensor_bytes
+from .stage import PhaseClock, StageConfig, StagedEngine, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ ACT, LOSS, GRAD = 11, 12, 13  # message tags: activations forward, losses and ov
 
 
 @dataclass(frozen=True)
-class LocalConfig:
+class LocalConfig(StageConfig):
     """Settings of the ``local`` engine.
 
     Args:
@@ -95,13 +98,7 @@ class LocalConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{k} must be an int >= {low}, got {v!r}")
-        if self.input_size is not None:
-            if len(self.input_size) < 2:
-                raise ValueError(f"input_size must include the batch dimension, got {self.input_size!r}")
-            object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        self._check_input_size()
 
 
 class AuxHead(nn.Module):
@@ -132,9 +129,6 @@ class LocalEngine(StagedEngine):
 
     def __init__(self, model, loss_fn, optimizer_factory, config: LocalConfig | None = None,
                  regularizer=None, comm: Comm | None = None) -> None:
-        cfg = config if config is not None else LocalConfig()
-        if not isinstance(cfg, LocalConfig):
-            raise TypeError(f"local engine needs a LocalConfig, got {type(cfg).__name__}")
         self._t = 0  # steps done
         self._losses: dict[int, float] = {}  # model loss by step (what step() returns, delayed)
         self._sends: deque = deque()  # outstanding activation sends, per step (at most config.queue)
@@ -143,7 +137,7 @@ class LocalEngine(StagedEngine):
         self._grads_next = 0  # step of the next overlap gradient to receive
         self._grads_from = 0  # the first step whose overlap gradient exists (a resume skips the rest)
         self._gathered_aux: dict[str, torch.Tensor] = {}
-        super().__init__(model, loss_fn, optimizer_factory, cfg, regularizer, comm)
+        super().__init__(model, loss_fn, optimizer_factory, config, regularizer, comm)
 
     # ---- chunks and heads ------------------------------------------------------------------
     @property

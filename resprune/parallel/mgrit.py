@@ -52,19 +52,18 @@ Example (run under torchrun; on one process it degenerates to serial):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..profile import DEFAULT_INPUT_SIZE
-from .comm import Comm
 from .engines import register_engine
 from .mgrit_schedule import MGRITStep, describe_levels
 from .mgrit_solver import build_hierarchy
 from .rebalance import ClassMeanStore
 from .residual import averaged_coarse_step, relu_after_sum, residual_form
-from .stage import StagedEngine
+from .stage import StageConfig, StagedEngine
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ __all__ = ["MGRITConfig", "MGRITEngine", "averaged_coarse_step", "residual_incre
 
 
 @dataclass(frozen=True)
-class MGRITConfig:
+class MGRITConfig(StageConfig):
     """Settings of the ``mgrit`` engine.
 
     Args:
@@ -108,7 +107,8 @@ class MGRITConfig:
             the summed BN affine ``Σ sᵢγᵢ, Σ sᵢβᵢ``, i.e. ``act(u + Σᵢ sᵢ·BNᵢ(W̄∗u))`` to first
             order in how much the layers differ; its adjoint is the Jacobian of that step
             at the interval's state). Other layers always inject.
-        input_size: sample input shape used to classify layers and balance the partition.
+        input_size: sample input shape used to classify layers and balance the partition
+            (``None``: the model's input channels at 32×32, as the other stage engines).
         version: config format version.
 
     Example:
@@ -158,12 +158,7 @@ class MGRITConfig:
             raise ValueError(f"coarse_params must be 'inject' or 'average', got {self.coarse_params!r}")
         if self.initial not in ("coarse", "zero"):
             raise ValueError(f"initial must be 'coarse' or 'zero', got {self.initial!r}")
-        if len(self.input_size) < 2:
-            raise ValueError(f"input_size must include the batch dimension, got {self.input_size!r}")
-        object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        self._check_input_size()
 
 
 def residual_increment(layer: nn.Module, u: torch.Tensor | None):
@@ -190,14 +185,6 @@ class MGRITEngine(StagedEngine):
 
     name = "mgrit"
 
-    def __init__(self, model, loss_fn, optimizer_factory, config: MGRITConfig | None = None,
-                 regularizer=None, comm: Comm | None = None) -> None:
-        cfg = config if config is not None else MGRITConfig()
-        if not isinstance(cfg, MGRITConfig):
-            raise TypeError(f"mgrit engine needs an MGRITConfig, got {type(cfg).__name__}")
-        super().__init__(model, loss_fn, optimizer_factory, cfg, regularizer, comm)
-        logger.info("mgrit rank %d: %d forward levels", self.rank, len(self.fwd_levels))
-
     def _on_partition(self) -> None:
         """Grids of both directions, ReLU flags, warm-start stores, adaptive cycle counts."""
         cfg, n = self.config, len(self.seq)
@@ -207,6 +194,7 @@ class MGRITEngine(StagedEngine):
         self._relu_out = [relu_after_sum(m) for _, m in self.seq]
         self._iters = [cfg.fwd_iters, cfg.bwd_iters]  # this step's cycles (adaptive mode moves them)
         self._on_load()
+        logger.info("mgrit rank %d: %d forward levels", self.rank, len(self.fwd_levels))
 
     def _on_load(self) -> None:
         self._prev: dict | None = None
@@ -215,12 +203,6 @@ class MGRITEngine(StagedEngine):
     def layers(self, first: int, m: int) -> list[nn.Module]:
         """Layers ``first .. first + m − 1`` (a coarse step's interval, inside this rank)."""
         return [self.seq[n][1] for n in range(first, first + m)]
-
-    def describe(self) -> str:
-        """The rank ranges and the grid sizes (for logs)."""
-        lv = ", ".join(str(level.n_steps) for level in self.fwd_levels)
-        return (f"mgrit: {len(self.seq)} layers over {self.world_size} ranks, bounds {self.bounds}, "
-                f"forward grid steps per level [{lv}], {self.config}")
 
     def describe_levels(self) -> str:
         """The forward grids, rank by rank (:func:`~resprune.parallel.mgrit_schedule.describe_levels`)."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -45,7 +45,7 @@ from torch import nn
 from .comm import Comm, DistComm
 from .engines import register_engine
 from .rebalance import neighbour_params
-from .stage import PhaseClock, StagedEngine
+from .stage import PhaseClock, StageConfig, StagedEngine
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ SCHEDULES = ("gpipe", "1f1b")
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(StageConfig):
     """Settings of the ``pipeline`` engine.
 
     Args:
@@ -83,13 +83,7 @@ class PipelineConfig:
             raise ValueError(f"microbatches must be an int >= 1, got {self.microbatches!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.input_size is not None:
-            if len(self.input_size) < 2:
-                raise ValueError(f"input_size must include the batch dimension, got {self.input_size!r}")
-            object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        self._check_input_size()
 
 
 def split_count(batch: int, microbatches: int) -> int:
@@ -154,10 +148,7 @@ class PipelineEngine(StagedEngine):
 
     def __init__(self, model, loss_fn, optimizer_factory, config: PipelineConfig | None = None,
                  regularizer=None, comm: Comm | None = None) -> None:
-        cfg = config if config is not None else PipelineConfig()
-        if not isinstance(cfg, PipelineConfig):
-            raise TypeError(f"pipeline engine needs a PipelineConfig, got {type(cfg).__name__}")
-        super().__init__(model, loss_fn, optimizer_factory, cfg, regularizer, comm)
+        super().__init__(model, loss_fn, optimizer_factory, config, regularizer, comm)
         if self.world_size > 1 and not isinstance(self.comm, DistComm):
             raise TypeError("the pipeline engine runs torch.distributed.pipelining: it needs a "
                             "torch.distributed process group (DistComm) for more than one rank")

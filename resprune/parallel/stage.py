@@ -15,7 +15,8 @@ and a meta tensor cannot be moved.
 
 :class:`StagedEngine` holds what the stage engines (``mgrit``, ``pipeline``, ``local``) share:
 partition (balanced by counted cost), ownership, the gathered state dict, the pipelined exact
-forward, per-layer timing, re-partition after pruning, phase timers and memory counters.
+forward, per-layer timing, re-partition after pruning, phase timers and memory counters;
+:class:`StageConfig` the checks their settings share.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
+from dataclasses import asdict
 from typing import Any, Iterator
 
 import torch
@@ -38,7 +40,8 @@ from .rebalance import gather_layer_time, repartition_engine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stage", "StagedEngine", "PhaseClock", "default_comm", "tensor_bytes", "infer_input_size"]
+__all__ = ["Stage", "StagedEngine", "StageConfig", "PhaseClock", "default_comm", "tensor_bytes",
+           "infer_input_size"]
 
 
 def default_comm() -> Comm:
@@ -72,6 +75,24 @@ def infer_input_size(model: nn.Module, spatial: int = 32) -> tuple[int, ...]:
         if isinstance(m, nn.Linear):
             return (1, m.in_features)
     raise ValueError("cannot infer the input size of a model without conv or linear layers; set input_size")
+
+
+class StageConfig:
+    """Base of the stage engines' settings (frozen dataclasses): the ``input_size`` check
+    they share (call :meth:`_check_input_size` from ``__post_init__``) and :meth:`to_dict`."""
+
+    def _check_input_size(self) -> None:
+        """``input_size`` as a tuple of ints that includes the batch dimension (``None``
+        stays: the engine infers it from the model, :func:`infer_input_size`)."""
+        size = self.input_size  # type: ignore[attr-defined]
+        if size is None:
+            return
+        if len(size) < 2:
+            raise ValueError(f"input_size must include the batch dimension, got {size!r}")
+        object.__setattr__(self, "input_size", tuple(int(s) for s in size))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class PhaseClock:
@@ -204,14 +225,18 @@ class StagedEngine(Engine):
     """Base of the engines whose ranks each own one :class:`Stage`.
 
     Subclasses set ``name``, call ``super().__init__`` and implement ``forward_backward``;
+    ``config_class`` (set by :func:`~resprune.parallel.engines.register_engine`) is the
+    settings type: ``config=None`` means its defaults, another type is a ``TypeError``.
     ``_on_partition()`` rebuilds what depends on the stage bounds (called at start and after
     :meth:`repartition`), ``_extra_modules()`` lists modules an engine adds (auxiliary heads).
     """
 
-    def __init__(self, model, loss_fn, optimizer_factory, config, regularizer=None,
+    config_class: type | None = None
+
+    def __init__(self, model, loss_fn, optimizer_factory, config=None, regularizer=None,
                  comm: Comm | None = None) -> None:
         super().__init__(model, loss_fn, optimizer_factory, regularizer)
-        self.config = config
+        self.config = self._settings(config)
         self.comm = comm if comm is not None else default_comm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.layer_time: dict[str, float] = {}  # measured seconds per owned layer (EMA)
@@ -219,6 +244,16 @@ class StagedEngine(Engine):
         self._make_optimizer()
         logger.info("%s rank %d/%d owns layers %d..%d (%s .. %s)", self.name, self.rank, self.world_size,
                     self.lo, self.hi - 1, self.seq[self.lo][0], self.seq[self.hi - 1][0])
+
+    def _settings(self, config: Any) -> Any:
+        """``config``, or the defaults of ``config_class`` for ``None``."""
+        cls = self.config_class
+        if cls is None:
+            return config
+        cfg = config if config is not None else cls()
+        if not isinstance(cfg, cls):
+            raise TypeError(f"{self.name} engine needs {cls.__name__} settings, got {type(cfg).__name__}")
+        return cfg
 
     @property
     def input_size(self) -> tuple[int, ...]:
