@@ -8,7 +8,9 @@
 - :func:`header`: the header every report starts with (hardware from
   :func:`resprune.util.hardware`, torch version, date, command line, load, run count);
 - :func:`subset`: a seeded subset of a data set;
-- :func:`write_report`: the markdown and JSON of a report, written atomically.
+- :func:`on_threads`: ``fn(0), ..., fn(n - 1)`` on ``n`` threads (simulated ranks);
+- :func:`write_report`: the markdown and JSON of a report, written atomically;
+  :func:`print_report`: a markdown report printed and appended to a file.
 
 Scripts import it as ``from _common import ...`` after putting ``benchmarks/`` on ``sys.path``.
 """
@@ -21,9 +23,10 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -146,6 +149,36 @@ def subset(ds, n: int, seed: int):
         return ds
     idx = np.sort(np.random.RandomState(seed).permutation(len(ds))[:n])
     return ArrayDataset(ds.images[idx], ds.labels[idx], ds.classes)
+
+
+def on_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """``[fn(0), ..., fn(n - 1)]``, each call on a thread of its own (``n`` ranks of a
+    ``ThreadGroup``); re-raise the first exception a call raised."""
+    out: list[Any] = [None] * n
+    errs: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            out[k] = fn(k)
+        except BaseException as exc:  # re-raised below
+            errs.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errs:
+        raise errs[0]
+    return out
+
+
+def print_report(markdown: str, append_to: str | os.PathLike | None) -> None:
+    """Print ``markdown`` and, when ``append_to`` is given, append it (and a newline) there."""
+    print(markdown)
+    if append_to:
+        with open(append_to, "a") as f:
+            f.write(markdown + "\n")
 
 
 def write_report(md_path: str | os.PathLike, markdown: str, data: dict) -> tuple[Path, Path]:

@@ -86,7 +86,6 @@ import math
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,8 +96,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_parallel_scaling as lps  # noqa: E402  (mgrit's cost model)
-from _common import (FACT_KEYS, fit_hop, header, header_lines, hop_seconds, hop_time, subset,  # noqa: E402
-                     torchrun, write_report)
+from _common import (FACT_KEYS, fit_hop, header, header_lines, hop_seconds, hop_time, on_threads,  # noqa: E402
+                     subset, torchrun, write_report)
 
 import resprune as rp  # noqa: E402
 
@@ -737,17 +736,20 @@ def train_variant(a, variant: str, K: int, seed: int, tr, te, norm: dict) -> dic
     def loader():  # one per rank, iterated every epoch: the same batches on every rank
         return DeviceLoader(tr, a.train_batch, train=True, augment=True, seed=seed, **norm)
 
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    if variant == "backprop":
-        torch.set_num_threads(a.serial_threads)
-        eng = create_engine("serial", base, F.cross_entropy, sgd)
+    def train(eng) -> tuple[dict, list[float]]:  # a.epochs of the cosine schedule; state and losses
         sched = torch.optim.lr_scheduler.LambdaLR(eng.optimizer, _lr_lambda(total))
         losses, batches = [], loader()
         for _ in range(a.epochs):
             for x, y in batches:
                 losses.append(eng.step(x, y))
                 sched.step()
-        sd, bounds = eng.full_state_dict(), [0, len(base.layer_sequence())]
+        return eng.full_state_dict(), losses
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    if variant == "backprop":
+        torch.set_num_threads(a.serial_threads)
+        sd, losses = train(create_engine("serial", base, F.cross_entropy, sgd))
+        bounds = [0, len(base.layer_sequence())]
     else:
         torch.set_num_threads(1)
         group = ThreadGroup(K)
@@ -755,31 +757,12 @@ def train_variant(a, variant: str, K: int, seed: int, tr, te, norm: dict) -> dic
                           input_size=(1, tr.images.shape[-1], *tr.images.shape[1:3]))
         engs = [create_engine("local", copy.deepcopy(base), F.cross_entropy, sgd, cfg, comm=group.comm(k))
                 for k in range(K)]  # built here, one after the other: aux-head seeding is not thread-safe
-        outs: list[Any] = [None] * K
-        errs: list[BaseException] = []
 
-        def work(k: int) -> None:
-            try:
-                torch.set_num_threads(1)
-                eng = engs[k]
-                sched = torch.optim.lr_scheduler.LambdaLR(eng.optimizer, _lr_lambda(total))
-                ls, batches = [], loader()
-                for _ in range(a.epochs):
-                    for x, y in batches:
-                        ls.append(eng.step(x, y))
-                        sched.step()
-                outs[k] = (eng.full_state_dict(), ls)
-            except BaseException as exc:  # re-raised below
-                errs.append(exc)
+        def work(k: int) -> tuple[dict, list[float]]:
+            torch.set_num_threads(1)
+            return train(engs[k])
 
-        th = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(K)]
-        for t in th:
-            t.start()
-        for t in th:
-            t.join()
-        if errs:
-            raise errs[0]
-        sd, losses = outs[0]
+        sd, losses = on_threads(K, work)[0]
         bounds = list(engs[0].bounds)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     torch.set_num_threads(a.serial_threads)

@@ -167,14 +167,14 @@ def best_cf(m: dict, N: int, P: int) -> int:
     return min(cands, key=lambda c: model_time(m, N, P, c))
 
 
+SIZES = {"layers": 256, "width": 16, "batch": 8, "steps": 3, "cf": 16, "levels": 2}
+"""The integer options and their defaults: what a --json file records and a worker is given."""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=256)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--cf", type=int, default=16)
-    ap.add_argument("--levels", type=int, default=2)
+    for k, default in SIZES.items():
+        ap.add_argument(f"--{k}", type=int, default=default)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--converged-at", type=int, nargs="*", default=[2])
     ap.add_argument("--out", default=None, help="write the markdown report here")
@@ -189,13 +189,12 @@ def main() -> int:
         with open(a.from_json) as f:
             d = json.load(f)
         rows, started = {int(k): v for k, v in d["rows"].items()}, d["started"]
-        for k in ("layers", "width", "batch", "steps", "cf", "levels"):
+        for k in SIZES:
             setattr(a, k, d["args"][k])
     for P in ([] if a.from_json else a.procs):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(P), __file__, "--worker", "--layers", str(a.layers), "--width", str(a.width),
-               "--batch", str(a.batch), "--steps", str(a.steps), "--cf", str(a.cf),
-               "--levels", str(a.levels), "--converged-at", *map(str, a.converged_at)]
+               str(P), __file__, "--worker", *(x for k in SIZES for x in (f"--{k}", str(getattr(a, k)))),
+               "--converged-at", *map(str, a.converged_at)]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")]

@@ -7,9 +7,9 @@ optimizer and the same number of steps:
 
 (a) the ``serial`` engine on one process;
 (b) the ``mgrit`` engine, simultaneous mode (``fwd_iters``/``bwd_iters`` per step, default
-    1 + 1), on P processes under torchrun (gloo, CPU, one thread each). Since issue 11 these
-    count cycles after the nested start; the results in benchmarks/results/mgrit_accuracy.md
-    were measured when the start counted as the first (their "k" is today's "k − 1").
+    1 + 1), on P processes under torchrun (gloo, CPU, one thread each). These count the
+    cycles after the nested start; benchmarks/results/mgrit_accuracy.md counts the start as
+    the first cycle (its "k" is ``k − 1`` here).
     ``benchmarks/mgrit_study.py`` is the ODE-regime study (gated chain, 3 seeds, cost model).
 
 Both are then evaluated exactly (``eval_forward``, eval-mode BN) on the MNIST test set and
@@ -38,6 +38,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ import torch
 import torch.nn.functional as F
 
 import resprune as rp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_report  # noqa: E402
 
 
 def _subset(ds, n: int, seed: int):
@@ -370,10 +374,7 @@ def main() -> int:
             with open(a.json, "w") as f:
                 json.dump({"args": vars(a), "runs": runs, "started": started}, f)
     rep = report(a, runs, started)
-    print(rep)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(rep + "\n")
+    print_report(rep, a.out)
     return 0
 
 

@@ -22,8 +22,8 @@ import copy
 import os
 import platform
 import sys
-import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from resprune.data import DeviceLoader, load_arrays
 from resprune.data.sources import ArrayDataset
 from resprune.parallel import MGRITConfig, create_engine
 from resprune.parallel.comm import ThreadGroup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import on_threads, print_report  # noqa: E402
 
 SETTINGS = [  # (label, MGRITConfig keyword arguments)
     ("inject, F 1+1, cf 4", dict(cf=4)),
@@ -47,25 +50,15 @@ SETTINGS = [  # (label, MGRITConfig keyword arguments)
 
 def mgrit_gradient(model, cfg: MGRITConfig, x, y, P: int) -> torch.Tensor:
     """The whole gradient of one simultaneous mgrit step, P ranks as threads."""
-    group, out, errs = ThreadGroup(P), [None] * P, []
+    group = ThreadGroup(P)
 
     def work(r):
-        try:
-            e = create_engine("mgrit", copy.deepcopy(model), F.cross_entropy,
-                              lambda p: torch.optim.SGD(p, lr=0.0), cfg, comm=group.comm(r))
-            e.forward_backward(x, y)
-            out[r] = {n: p.grad.clone() for n, p in e.local_named_parameters()}
-        except BaseException as exc:  # reported below
-            errs.append(exc)
+        e = create_engine("mgrit", copy.deepcopy(model), F.cross_entropy,
+                          lambda p: torch.optim.SGD(p, lr=0.0), cfg, comm=group.comm(r))
+        e.forward_backward(x, y)
+        return {n: p.grad.clone() for n, p in e.local_named_parameters()}
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(P)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errs:
-        raise errs[0]
-    g = {k: v for o in out for k, v in o.items()}
+    g = {k: v for o in on_threads(P, work) for k, v in o.items()}
     return torch.cat([g[n].flatten() for n, _ in model.named_parameters()])
 
 
@@ -135,10 +128,7 @@ def main() -> int:
         "Cells: cosine with the exact gradient / relative error ‖g − g_exact‖/‖g_exact‖.", "",
         "| step | mean layer scale | " + " | ".join(label for label, _ in SETTINGS) + " |",
         "|---|---|" + "---|" * len(SETTINGS), *rows, ""])
-    print(report)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(report + "\n")
+    print_report(report, a.out)
     return 0
 
 

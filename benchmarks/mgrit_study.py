@@ -44,12 +44,16 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import resprune as rp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import hop_seconds, print_report  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
     # TorchBraid's defaults: 3 levels, F on the fine level, FCF on coarse ones, 2 + 1 cycles
@@ -110,23 +114,6 @@ def _engine(a, model, options: dict | None, input_size):
                          regularizer=reg)
 
 
-def _hop(width_shape) -> float:
-    import torch.distributed as dist
-
-    buf, hops = torch.zeros(width_shape), []
-    for _ in range(20):
-        dist.barrier()
-        t0 = time.perf_counter()
-        if dist.get_rank() == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
-        elif dist.get_rank() == 1:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
-        hops.append((time.perf_counter() - t0) / 2)
-    return statistics.median(hops[5:])
-
-
 def worker(a) -> None:
     """Under torchrun: train (``--engine serial`` or mgrit with ``--options`` JSON) or, with
     ``--calibrate``, time a few steps at 1 and 2 cycles; rank 0 prints ``RESULT {json}``."""
@@ -171,7 +158,7 @@ def _calibrate(a, model, opts, insz, train) -> dict:
 def _train(a, model, opts, insz, train, test) -> dict:
     eng = _engine(a, model, opts, insz)
     world = eng.world_size
-    hop = _hop((a.batch, a.width, *insz[2:])) if world > 1 else None
+    hop = hop_seconds(math.prod((a.batch, a.width, *insz[2:]))) if world > 1 else None
     total = a.epochs * len(train) if not a.max_steps else min(a.max_steps, a.epochs * len(train))
 
     def lr_factor(i: int) -> float:
@@ -455,10 +442,7 @@ def main() -> int:
         for n in names:
             keep(f"time/{n}", lambda: launch(timed, a.procs, 0, SETTINGS[n]))
     rep = report(a, data, started)
-    print(rep)
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(rep + "\n")
+    print_report(rep, a.out)
     if a.plot:
         plot(a, data, a.plot)
     return 0

@@ -58,6 +58,7 @@ def _add_rundir_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import ExportConfig
     from .version import __version__
 
     parser = argparse.ArgumentParser(
@@ -84,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_rundir_arg(p)
         p.set_defaults(func=cmd_stage, stage=name)
 
-    _add_export_parser(sub)
-    _add_bench_parser(sub)
+    cfg = ExportConfig()
+    _add_export_parser(sub, cfg)
+    _add_bench_parser(sub, cfg)
     _add_report_parser(sub)
 
     p = sub.add_parser("models", help="list registered models")
@@ -100,19 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_export_parser(sub) -> None:
-    from .config import ExportConfig
+def _add_run_dir_parser(sub, cmd, helptext: str, run_dir_help: str, **fmt):
+    """The sub-command of ``cmd`` (``cmd_NAME``), whose first argument is a run directory; its
+    description is ``cmd``'s docstring (formatted with ``fmt`` when given)."""
+    doc = " ".join(cmd.__doc__.split())
+    p = sub.add_parser(cmd.__name__.removeprefix("cmd_"), help=helptext,
+                       description=doc.format(**fmt) if fmt else doc)
+    p.add_argument("run_dir", type=Path, help=run_dir_help)
+    p.set_defaults(func=cmd)
+    return p
 
-    cfg = ExportConfig()
-    p = sub.add_parser(
-        "export", help="export fused.pt / fused_unpruned.pt to verified ONNX files",
-        description="Export RUN_DIR/fused_unpruned.pt and RUN_DIR/fused.pt to RUN_DIR/onnx/unpruned.onnx "
-                    "and RUN_DIR/onnx/pruned.onnx (one self-contained file each, plus a .json sidecar with "
-                    "MACs, params, opset, versions and the checkpoint's sha256). Each file is checked with "
-                    "onnx.checker and against onnxruntime on random inputs (max |diff| <= "
-                    f"{cfg.atol:g} + {cfg.rtol:g}·max|logit|, same top-1).",
-    )
-    p.add_argument("run_dir", type=Path, help="run directory (docs/run-dir.md)")
+
+def _add_export_parser(sub, cfg) -> None:
+    p = _add_run_dir_parser(sub, cmd_export, "export fused.pt / fused_unpruned.pt to verified ONNX files",
+                            "run directory (docs/run-dir.md)", cfg=cfg)
     p.add_argument("--input-size", nargs=4, type=int, metavar=("N", "C", "H", "W"),
                    help="input shape (default: the one each checkpoint records)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, >= 18)")
@@ -122,21 +125,11 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--rtol", type=float,
                    help=f"onnxruntime check: tolerance relative to the largest |logit| (added to --atol; "
                         f"default {cfg.rtol:g})")
-    p.set_defaults(func=cmd_export)
 
 
-def _add_bench_parser(sub) -> None:
-    from .config import ExportConfig
-
-    cfg = ExportConfig()
-    p = sub.add_parser(
-        "bench", help="time onnx/unpruned.onnx and onnx/pruned.onnx side by side → bench.json",
-        description="Verify RUN_DIR/onnx/{unpruned,pruned}.onnx against their sidecars, then time them "
-                    "interleaved with export/ort_bench.py (onnxruntime, medians, peak memory) and write "
-                    "RUN_DIR/bench.json. On a target device run export/ort_bench.py itself (see "
-                    "export/README.md).",
-    )
-    p.add_argument("run_dir", type=Path, help="run directory with onnx/ (from `resprune export`)")
+def _add_bench_parser(sub, cfg) -> None:
+    p = _add_run_dir_parser(sub, cmd_bench, "time onnx/unpruned.onnx and onnx/pruned.onnx side by side → bench.json",
+                            "run directory with onnx/ (from `resprune export`)")
     p.add_argument("--batch", nargs="+", type=int,
                    help=f"batch sizes (default: {' '.join(map(str, cfg.bench_batches))})")
     p.add_argument("--runs", type=int, help=f"timed runs per model and batch (default {cfg.bench_runs})")
@@ -150,7 +143,6 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--allow-unverified", action="store_true",
                    help="time ONNX files that have no sidecar (.json), which cannot be checked against the "
                         "export; by default such a file is refused")
-    p.set_defaults(func=cmd_bench)
 
 
 def _add_report_parser(sub) -> None:
@@ -318,6 +310,11 @@ def _export_config(**given):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Export RUN_DIR/fused_unpruned.pt and RUN_DIR/fused.pt to RUN_DIR/onnx/unpruned.onnx
+    and RUN_DIR/onnx/pruned.onnx (one self-contained file each, plus a .json sidecar with
+    MACs, params, opset, versions and the checkpoint's sha256). Each file is checked with
+    onnx.checker and against onnxruntime on random inputs (max |diff| <=
+    {cfg.atol:g} + {cfg.rtol:g}·max|logit|, same top-1)."""
     from .stages import stage_export
     from .stages.export import ONNX_FILES
 
@@ -334,6 +331,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Verify RUN_DIR/onnx/{unpruned,pruned}.onnx against their sidecars, then time them
+    interleaved with export/ort_bench.py (onnxruntime, medians, peak memory) and write
+    RUN_DIR/bench.json. On a target device run export/ort_bench.py itself (see
+    export/README.md)."""
     from .stages import stage_bench
 
     cfg = _export_config(bench_batches=args.batch, bench_runs=args.runs, bench_warmup=args.warmup,

@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,6 +147,7 @@ class ConvBN2d(nn.Module):
         out_channels: int,
         kernel_size: int = 3,
         stride: int = 1,
+        *,
         act: bool = True,
         bias: bool = False,
     ) -> None:
@@ -182,7 +185,7 @@ class ResConv2d(ConvBN2d):
     """A convolution with its own shortcut and a trainable layer scale.
 
     ``ConvBN2d`` plus the scale ``s`` and the shortcut ``P``:
-    ``y = act(s · BN(W ∗ x) + P(x))``.
+    ``y = act(s · BN(W ∗ x) + P(x))``. ``act``, ``shortcut`` and ``bias`` are keyword-only.
 
     Args:
         in_channels: input channels.
@@ -201,17 +204,8 @@ class ResConv2d(ConvBN2d):
         (True, torch.Size([]))
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        act: bool = True,
-        shortcut: bool = True,
-        bias: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, act, bias)
+    def __init__(self, *args: Any, shortcut: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.scale = nn.Parameter(torch.ones(()))
         self.shortcut = shortcut
         self.gate: str | None = None  # see set_gate: the scale is then h·tanh(g/h) or clamp(g, ±h)

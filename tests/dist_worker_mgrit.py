@@ -13,9 +13,9 @@ reference and the mgrit engine collectively, and checks:
 3. simultaneous mode: a few dozen SGD steps on a deep ResConv chain (with a stride-2
    transition) decrease the loss comparably to serial.
 
-The exit code is decided from the checks, then the process leaves with os._exit
-(``resprune.parallel.finalize``: gloo may crash in the exit handlers after a successful run).
-Prints one ``RESULT`` line per check on rank 0.
+Prints one ``RESULT`` line per check on rank 0; the exit code is decided from the checks,
+then the process leaves with ``os._exit`` via ``resprune.parallel.finalize`` (gloo can crash
+at interpreter shutdown after a successful run: docs/parallel.md, "Tests and benchmark").
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ sub-commands on its run directory, and clear errors with a non-zero exit."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,10 +82,17 @@ def test_resume_a_finished_run_does_not_retrain(run_dir, capsys):
 
 
 def test_stage_commands_rerun_on_the_run_dir(run_dir):
+    """A re-run prune invalidates the fine-tuned model; fuse then fuses the new pruned.pt."""
     assert main(["-q", "prune", str(run_dir), "--set", "prune.target_macs=0.6"]) == 0
     p = json.loads((run_dir / "prune.json").read_text())
     assert p["macs_after"] <= 0.6 * p["macs_before"]
+    assert not (run_dir / "finetuned.pt").exists() and (run_dir / "stale" / "finetune" / "finetuned.pt").is_file()
     assert main(["-q", "fuse", str(run_dir)]) == 0
+    size = tuple(rp.serialization.load_payload(run_dir / "fused.pt")["extra"]["input_size"])
+    assert rp.profile(rp.load(run_dir / "fused.pt"), size).macs == p["macs_after"]
+    assert json.loads((run_dir / "metrics.json").read_text())["stages"]["fused"]["macs"] == p["macs_after"]
+    fuse = json.loads((run_dir / "provenance.json").read_text())["stages"]["fuse"]
+    assert fuse["state"] == "done" and fuse["inputs"].keys() == {"sparse.pt", "pruned.pt"}
 
 
 def test_existing_run_dir_is_not_overwritten(run_dir, capsys):
@@ -95,8 +103,10 @@ def test_existing_run_dir_is_not_overwritten(run_dir, capsys):
 
 
 def test_threshold_that_would_delete_a_stage(run_dir, capsys):
+    before = {f: (run_dir / f).read_bytes() for f in ("prune.json", "pruned.pt", "provenance.json")}
     assert main(["prune", str(run_dir), "--set", "prune.threshold=100"]) == 2
     assert "would leave stage" in capsys.readouterr().err
+    assert {f: (run_dir / f).read_bytes() for f in before} == before  # nothing written
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -135,11 +145,20 @@ def test_missing_and_corrupt_inputs(tmp_path, capsys):
 
 
 def test_console_script_help():
+    """The installed `resprune` script runs this package's parser: every sub-command is listed
+    with its help line, in the parser's order."""
+    from resprune.cli import build_parser
+
     exe = Path(sys.executable).with_name("resprune")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0
-    for cmd in ("run", "train", "prune", "fuse", "export", "bench", "report"):
-        assert cmd in out.stdout
+    assert out.returncode == 0 and out.stdout.startswith("usage: resprune ")
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    listed = re.findall(r"^    (\w+)(?: +(\S.*))?$", out.stdout, re.M)  # name, first line of its help
+    assert [n for n, _ in listed] == [c.dest for c in sub._choices_actions]
+    assert {n for n, _ in listed} >= {"run", "train", "prune", "finetune", "fuse", "export", "bench", "report",
+                                       "models", "recipes", "qmc"}
+    for (name, first), c in zip(listed, sub._choices_actions):
+        assert first and " ".join(c.help.split()).startswith(first.strip()), name
 
 
 @pytest.mark.dist

@@ -19,6 +19,8 @@ not a post-ReLU activation, so a shortcut there could never be removed.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,60 +105,48 @@ class _CifarNet(nn.Module):
         return seq
 
 
+def _stages(depth: int, kind: str, per_n: int, unit: Callable[[int, int, int], nn.Module]) -> list[nn.Sequential]:
+    """The three stages of a ``depth = 6n + 2`` CIFAR net: ``per_n · n`` units each, built by
+    ``unit(in_ch, out_ch, stride)``; the first unit of stages 2 and 3 has stride 2."""
+    if (depth - 2) % 6:
+        raise ValueError(f"{kind} depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    stages, in_ch = [], STAGE_CHANNELS[0]
+    for i, ch in enumerate(STAGE_CHANNELS):
+        units: list[nn.Module] = []
+        for b in range(per_n * n):
+            units.append(unit(in_ch, ch, 2 if (i > 0 and b == 0) else 1))
+            in_ch = ch
+        stages.append(nn.Sequential(*units))
+    return stages
+
+
 class CifarResNet(_CifarNet):
     def __init__(self, depth: int, num_classes: int = 10, resconv: bool = True, in_chans: int = 3):
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-        n = (depth - 2) // 6
-        stages, in_ch = [], STAGE_CHANNELS[0]
-        for i, ch in enumerate(STAGE_CHANNELS):
-            blocks = []
-            for b in range(n):
-                stride = 2 if (i > 0 and b == 0) else 1
-                blocks.append(BasicBlock(in_ch, ch, stride, resconv))
-                in_ch = ch
-            stages.append(nn.Sequential(*blocks))
-        super().__init__(stages, num_classes, in_chans)
+        blocks = _stages(depth, "CIFAR ResNet", 1, lambda i, o, stride: BasicBlock(i, o, stride, resconv))
+        super().__init__(blocks, num_classes, in_chans)
 
 
 class PlainResNet(_CifarNet):
     def __init__(self, depth: int, num_classes: int = 10, resconv: bool = True, in_chans: int = 3):
-        if (depth - 2) % 6:
-            raise ValueError(f"plain CIFAR net depth must be 6n+2, got {depth}")
-        n = (depth - 2) // 6
-        stages, in_ch = [], STAGE_CHANNELS[0]
-        for i, ch in enumerate(STAGE_CHANNELS):
-            layers: list[nn.Module] = []
-            for b in range(2 * n):
-                stride = 2 if (i > 0 and b == 0) else 1
-                layers.append(ResConv2d(in_ch, ch, 3, stride) if resconv else ConvBN2d(in_ch, ch, 3, stride))
-                in_ch = ch
-            stages.append(nn.Sequential(*layers))
-        super().__init__(stages, num_classes, in_chans)
+        layer = ResConv2d if resconv else ConvBN2d
+        super().__init__(_stages(depth, "plain CIFAR net", 2, lambda i, o, stride: layer(i, o, 3, stride)),
+                         num_classes, in_chans)
 
 
-def _resnet(depth: int):
+def _register(cls: type[_CifarNet], depth: int, name: str, doc: str) -> None:
     def factory(num_classes: int = 10, resconv: bool = True, in_chans: int = 3) -> nn.Module:
-        return CifarResNet(depth, num_classes, resconv, in_chans)
+        return cls(depth, num_classes, resconv, in_chans)
 
-    factory.__name__ = f"resnet{depth}"
-    factory.__doc__ = f"CIFAR ResNet-{depth} (option A); ``resconv=False`` gives the baseline."
-    return register_model(factory)
-
-
-def _plainres(depth: int):
-    def factory(num_classes: int = 10, resconv: bool = True, in_chans: int = 3) -> nn.Module:
-        return PlainResNet(depth, num_classes, resconv, in_chans)
-
-    factory.__name__ = f"plainres{depth}"
-    factory.__doc__ = f"Plain {depth}-layer CIFAR net, every conv after the stem a ResConv2d."
-    return register_model(factory)
+    factory.__name__, factory.__doc__ = name, doc
+    register_model(factory)
 
 
 for _d in (20, 32, 44, 56, 110, 1202):
-    _resnet(_d)
+    _register(CifarResNet, _d, f"resnet{_d}", f"CIFAR ResNet-{_d} (option A); ``resconv=False`` gives the baseline.")
 for _d in (20, 32, 44, 56, 110):
-    _plainres(_d)
+    _register(PlainResNet, _d, f"plainres{_d}",
+              f"Plain {_d}-layer CIFAR net, every conv after the stem a ResConv2d.")
 
 
 class ResConvChain(nn.Module):

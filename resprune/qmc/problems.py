@@ -106,8 +106,33 @@ def affine_coefficient_min(mean: float, amplitude: float, decay: float, dim: int
     return mean - 0.5 * amplitude * float(np.sum(j**-decay))
 
 
-@dataclass(frozen=True)
-class EllipticDiffusion:
+@dataclass(frozen=True, kw_only=True)
+class _AffinePDE:
+    """What the PDE problems share: the parameters of their affine coefficient
+    ``a(x, y) = mean + sum_j y_j amplitude j^-decay phi_j(x)`` with ``|phi_j| <= 1``, its
+    positivity check, and ``G(y) = observable(solve(y))`` (subclasses define both)."""
+
+    dim: int = 16
+    amplitude: float = 0.6
+    decay: float = 2.0
+    mean: float = 1.0
+    version: int = 1
+
+    @property
+    def a_min(self) -> float:
+        """Lower bound of ``a`` over the domain and the parameter box."""
+        return affine_coefficient_min(self.mean, self.amplitude, self.decay, self.dim)
+
+    def _check_coefficient(self, kind: str) -> None:
+        if self.a_min <= 0:
+            raise ValueError(f"not uniformly {kind} on the box: a >= {self.a_min:.3f}")
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        return self.observable(self.solve(y))  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EllipticDiffusion(_AffinePDE):
     """Affine-parametric diffusion on the unit square, five-point finite differences.
 
     ``-div(a grad u) = f`` in ``(0, 1)^2``, ``u = 0`` on the boundary, with
@@ -126,13 +151,8 @@ class EllipticDiffusion:
         obs_box: observable region ``[lo, 1]^2`` (mean of ``u`` over it, trapezoidal rule).
     """
 
-    dim: int = 16
     n_grid: int = 32
-    amplitude: float = 0.6
-    decay: float = 2.0
-    mean: float = 1.0
     obs_lo: float = 0.5
-    version: int = 1
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -141,13 +161,7 @@ class EllipticDiffusion:
             raise ValueError(f"n_grid must be even and >= 4, got {self.n_grid}")
         if not (self.obs_lo * self.n_grid).is_integer() or not 0 <= self.obs_lo < 1:
             raise ValueError("obs_lo must be a grid line in [0, 1)")
-        if self.a_min <= 0:
-            raise ValueError(f"not uniformly elliptic on the box: a >= {self.a_min:.3f}")
-
-    @property
-    def a_min(self) -> float:
-        """Lower bound of ``a`` over the domain and the parameter box."""
-        return affine_coefficient_min(self.mean, self.amplitude, self.decay, self.dim)
+        self._check_coefficient("elliptic")
 
     # ---- coefficient -------------------------------------------------------------------
     def psi(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
@@ -250,9 +264,6 @@ class EllipticDiffusion:
         """Mean of ``u`` over ``[obs_lo, 1]^2`` (trapezoidal rule on the nodes)."""
         return u @ self._fd["weights"]
 
-    def __call__(self, y: np.ndarray) -> np.ndarray:
-        return self.observable(self.solve(y))
-
 
 def solve_tridiagonal(lower: np.ndarray, diag: np.ndarray, upper: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Thomas algorithm, batched over the leading axis.
@@ -282,8 +293,8 @@ def solve_tridiagonal(lower: np.ndarray, diag: np.ndarray, upper: np.ndarray, rh
     return x
 
 
-@dataclass(frozen=True)
-class HeatEquation:
+@dataclass(frozen=True, kw_only=True)
+class HeatEquation(_AffinePDE):
     """1D heat equation with an uncertain affine conductivity, Crank-Nicolson in time.
 
     ``u_t - (a(x, y) u_x)_x = f`` on ``(0, 1) x (0, T]``, ``u(0, t) = u(1, t) = 0``,
@@ -299,17 +310,12 @@ class HeatEquation:
         chunk: samples per batched solve.
     """
 
-    dim: int = 16
     n_grid: int = 64
     n_steps: int = 40
     final_time: float = 0.1
-    amplitude: float = 0.6
-    decay: float = 2.0
-    mean: float = 1.0
     obs_lo: float = 0.25
     obs_hi: float = 0.75
     chunk: int = 4096
-    version: int = 1
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.n_grid < 4 or self.n_steps < 1 or self.final_time <= 0:
@@ -319,13 +325,7 @@ class HeatEquation:
                 raise ValueError("obs_lo and obs_hi must be grid points")
         if not 0 <= self.obs_lo < self.obs_hi <= 1:
             raise ValueError("need 0 <= obs_lo < obs_hi <= 1")
-        if self.a_min <= 0:
-            raise ValueError(f"not uniformly parabolic on the box: a >= {self.a_min:.3f}")
-
-    @property
-    def a_min(self) -> float:
-        """Lower bound of ``a`` over the domain and the parameter box."""
-        return affine_coefficient_min(self.mean, self.amplitude, self.decay, self.dim)
+        self._check_coefficient("parabolic")
 
     def coefficient(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``a`` and ``da/dx`` at ``x`` for parameters ``y`` (``(n, dim)`` -> ``(n, len(x))``)."""
@@ -382,9 +382,6 @@ class HeatEquation:
         w[lo] = w[hi] = 0.5
         w /= w.sum()
         return u @ w[1:n]
-
-    def __call__(self, y: np.ndarray) -> np.ndarray:
-        return self.observable(self.solve(y))
 
 
 _REGISTRY: dict[str, Callable[..., Any]] = {
