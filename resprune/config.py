@@ -312,9 +312,11 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
                 d[sec][parts[1]] = _parse_value(raw)
         else:
             raise RecipeError(f"unknown recipe key {key!r}")
-    if {"prune.threshold", "prune.target_macs"} & {o.split("=", 1)[0].strip() for o in overrides}:
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if d["engine"] != recipe.engine and not any(k.split(".")[0] == "engine_options" for k in given):
+        d["engine_options"] = {}  # the recipe's options belong to its own engine, not the new one
+    if {"prune.threshold", "prune.target_macs"} & given:
         # setting one pruning rule switches the other off unless both were given
-        given = {o.split("=", 1)[0].strip() for o in overrides}
         if "prune.target_macs" in given and "prune.threshold" not in given:
             d["prune"]["threshold"] = None
         if "prune.threshold" in given and "prune.target_macs" not in given:
