@@ -109,6 +109,8 @@ def test_reference_config_validation() -> None:
         ReferenceConfig(log2_n_min=1)
     with pytest.raises(ValueError, match="depths"):
         GridConfig(depths=(1,))
+    with pytest.raises(ValueError, match="lr_final"):
+        GridConfig(lr=1e-4, lr_final=1e-3)
     with pytest.raises(ValueError, match="activation"):
         ReferenceConfig(activations=("gelu",))
     assert len(GridConfig().members()) == 54
@@ -137,12 +139,14 @@ def test_cli_reference_protocol_writes_report(tmp_path: Path) -> None:
     rc = main(["study", "--protocol", "reference", "--problems", "elliptic16", "--ablation-problems", "",
                "--point-sets", "interlaced2-scrambled,mc", "--log2-n", "2:3", "--log2-test", "6", "--grid", "8",
                "--widths", "4", "--depths", "3", "--weight-decays", "1e-5", "--inits", "1", "--epochs", "3",
+               "--scale-targets", "--lr-final", "1e-5",
                "--out", str(tmp_path), "--name", "r", "--quiet"])
     assert rc == 0
     md = (tmp_path / "r.md").read_text()
     assert "E_G rate [95% CI]" in md and "| elliptic16 | tanh | MC |" in md and "1.36 / 2.14" in md
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["config"]["grid"]["epochs"] == 3 and len(data["records"]) == 2 * 2
+    assert data["config"]["grid"]["scale_targets"] and data["config"]["grid"]["lr_final"] == 1e-5
     assert (tmp_path / "r.png").stat().st_size > 1000
     assert main(["study", "--protocol", "reference", "--out", str(tmp_path), "--name", "r"]) == 2  # no overwrite
 

@@ -86,6 +86,10 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
                     help="reference: Adam weight decays of the grid")
     st.add_argument("--inits", type=int, default=2, help="reference: initialisations per grid point")
     st.add_argument("--epochs", type=int, default=20000, help="reference: full-batch Adam epochs")
+    st.add_argument("--lr-final", type=float, default=None,
+                    help="reference: decay the learning rate to this (cosine); default constant")
+    st.add_argument("--scale-targets", action="store_true",
+                    help="reference: train on standardised targets (errors stay in the units of G)")
     st.add_argument("--grid", type=int, default=None, help="override n_grid of the PDE problems")
     st.add_argument("--seed", type=int, default=0, help="base seed of training and test points")
     st.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -155,7 +159,8 @@ def _reference_config(args: argparse.Namespace, opts: tuple):
     from resprune.qmc.reference import ReferenceConfig
 
     grid = GridConfig(widths=args.widths, depths=args.depths, weight_decays=args.weight_decays, inits=args.inits,
-                      epochs=args.epochs, lr=GridConfig.lr if args.lr is None else args.lr)
+                      epochs=args.epochs, lr=GridConfig.lr if args.lr is None else args.lr, lr_final=args.lr_final,
+                      scale_targets=args.scale_targets)
     return ReferenceConfig(problems=args.problems, point_sets=args.point_sets, activations=args.activations,
                            ablation_activations=args.ablation_activations,
                            ablation_problems=args.ablation_problems, log2_n_min=args.log2_n[0],

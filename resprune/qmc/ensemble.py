@@ -72,7 +72,11 @@ class GridConfig:
         weight_decays: Adam's L2 coefficients (added to the gradient, biases included).
         inits: initialisations per (width, depth, weight decay); member seed ``0..inits-1``.
         epochs: full-batch Adam steps.
-        lr: Adam learning rate (constant).
+        lr: Adam learning rate (constant: the reference's).
+        lr_final: if set, the learning rate decays from ``lr`` to ``lr_final`` over the epochs
+            (cosine); ``None`` keeps it constant.
+        scale_targets: train on ``(G - mean) / std`` of each training set and scale the outputs
+            back (errors are in the units of ``G`` either way); ``False`` is the reference's.
         activation: ``"tanh"`` or ``"relu"``.
         dtype: ``"float32"`` (the reference's) or ``"float64"``.
         version: schema version.
@@ -84,6 +88,8 @@ class GridConfig:
     inits: int = 2
     epochs: int = 20000
     lr: float = 1e-4
+    lr_final: float | None = None
+    scale_targets: bool = False
     activation: str = "tanh"
     dtype: str = "float32"
     version: int = 1
@@ -95,6 +101,8 @@ class GridConfig:
             raise ValueError(f"need widths >= 1 and depths >= 2 (linear layers), got {self.widths}, {self.depths}")
         if min(self.weight_decays) < 0 or self.inits < 1 or self.epochs < 1 or self.lr <= 0:
             raise ValueError("need weight decays >= 0, inits >= 1, epochs >= 1 and lr > 0")
+        if self.lr_final is not None and not 0 <= self.lr_final <= self.lr:
+            raise ValueError(f"need 0 <= lr_final <= lr, got {self.lr_final}")
         if self.activation not in _ACTS:
             raise ValueError(f"activation must be one of {list(_ACTS)}, got {self.activation!r}")
         if self.dtype not in _DTYPES:
@@ -159,12 +167,15 @@ def train_batched(layers: Layers, x: torch.Tensor, t: torch.Tensor, weights: tor
             ``sum_i weights[b, i] (net_b(x_i) - t_i)^2`` (zero weight = padding).
         weight_decay: ``(B,)`` L2 coefficient per member, added to the gradient as
             ``torch.optim.Adam(weight_decay=...)`` does.
-        config: ``epochs``, ``lr``, ``activation``.
+        config: ``epochs``, ``lr``, ``lr_final``, ``activation``.
     """
     params = [p.detach().clone().requires_grad_(True) for wb in layers for p in wb]
     pairs = list(zip(params[0::2], params[1::2]))
     wd = weight_decay.to(params[0].dtype).view(-1, 1, 1)
     opt = torch.optim.Adam(params, lr=config.lr, foreach=True)
+    sched = None
+    if config.lr_final is not None:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.epochs, config.lr_final)
     t = t if t.dim() == 3 else t.expand(len(wd), *t.shape)
     for _ in range(config.epochs):
         opt.zero_grad(set_to_none=False)
@@ -174,6 +185,8 @@ def train_batched(layers: Layers, x: torch.Tensor, t: torch.Tensor, weights: tor
             for p in params:
                 p.grad.addcmul_(p, wd)
         opt.step()
+        if sched is not None:
+            sched.step()
     return [(w.detach(), b.detach()) for w, b in pairs]
 
 

@@ -240,16 +240,18 @@ def _train_shape(config: ReferenceConfig, grid: GridConfig, train: dict, y_test:
     dim = y_test.shape[1]
     layers = init_members(dim, width, depth, [i for _, _, i in combos], dtype)
     x = torch.as_tensor(np.stack([train[k][0][:n] for k, _, _ in combos]), dtype=dtype)
-    t = torch.as_tensor(np.stack([train[k][1][:n] for k, _, _ in combos]), dtype=dtype).unsqueeze(-1)
+    g = np.stack([train[k][1][:n] for k, _, _ in combos])
+    mean, std = (g.mean(1, keepdims=True), g.std(1, keepdims=True)) if grid.scale_targets else (0.0, 1.0)
+    t = torch.as_tensor((g - mean) / std, dtype=dtype).unsqueeze(-1)
     w = torch.as_tensor(reference_loss_weights(n), dtype=dtype).view(1, n, 1).expand(len(combos), n, 1)
     wd = torch.tensor([wd for _, wd, _ in combos], dtype=torch.float64)
     t0 = time.perf_counter()
     trained = train_batched(layers, x, t, w, wd, grid)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        r_train = (forward(trained, x, grid.activation) - t).squeeze(-1).double().numpy()
+        r_train = (forward(trained, x, grid.activation) - t).squeeze(-1).double().numpy() * std
         out_test = forward(trained, torch.as_tensor(y_test, dtype=dtype), grid.activation)
-        r_test = out_test.squeeze(-1).double().numpy() - g_test
+        r_test = out_test.squeeze(-1).double().numpy() * std + mean - g_test
     e_t, e_g = reference_errors(r_train, r_test)
     return [{"point_set": k, "activation": grid.activation, "n": n, "width": width, "depth": depth,
              "weight_decay": wd_, "init": i, "E_G": float(e_g[b]), "E_T": float(e_t[b]),
