@@ -4,15 +4,16 @@ Run:  OMP_NUM_THREADS=1 nice python benchmarks/qmc_reference.py --recipe RECIPE
 
 Recipes (see recipe()); each writes benchmarks/results/qmc_reference[_RECIPE].{md,json,png}:
 
-``elliptic16``   elliptic d = 16, tanh and ReLU, order-2 net vs MC, the reduced grid
-                 (``REDUCED``), N = 2^4..2^8;
-``others``       elliptic d = 32, parabolic d = 16, the d = 50 function, tanh, the same;
+``elliptic16``   elliptic d = 16, tanh, order-2 net vs MC, the reduced grid (``REDUCED``),
+                 N = 2^4..2^8;
+``relu``         the same with ReLU;
+``elliptic32``, ``parabolic16``, ``smooth50``: the other problems, tanh, the same;
 ``check``        elliptic d = 16, tanh, N = 2^4..2^6: the reference's full 54-member grid
                  (depths 4, 8, 16; weight decays 1e-5, 1e-6, 1e-7) at the reduced optimiser, to
                  compare with ``elliptic16`` on the same N (the member-reduction check);
 ``quick``        a smoke run (seconds).
 
-``--combine`` reads the JSON of ``elliptic16``, ``others`` and ``check`` and writes
+``--combine`` reads the JSON of the recipes that have run and writes
 benchmarks/results/qmc_reference.{md,json,png}: all rates in one table and one figure, and the
 reduction check (``check`` against ``elliptic16`` restricted to the same N).
 
@@ -47,7 +48,8 @@ from resprune.qmc.reference import (  # noqa: E402
     write_report,
 )
 
-RECIPES = ("elliptic16", "others", "check", "quick", "full")
+STUDY = ("elliptic16", "relu", "elliptic32", "parabolic16", "smooth50")
+RECIPES = (*STUDY, "check", "quick", "full")
 
 #: The reduction used on this machine (a shared 2-core CPU): widths 6, 12, 24 at depth 4 only,
 #: weight decays 1e-5 and 1e-7, 2 inits (12 of the 54 members); 2000 Adam epochs at lr 1e-3
@@ -59,11 +61,10 @@ REDUCED = GridConfig(depths=(4,), weight_decays=(1e-5, 1e-7), epochs=2000, lr=1e
 
 def recipe(name: str) -> ReferenceConfig:
     """The configurations behind benchmarks/results/qmc_reference*.md (module docstring)."""
-    if name == "elliptic16":
-        return ReferenceConfig(problems=("elliptic16",), log2_n_min=4, log2_n_max=8, log2_test=12, grid=REDUCED)
-    if name == "others":
-        return ReferenceConfig(problems=("elliptic32", "parabolic16", "smooth50"), ablation_problems=(),
-                               log2_n_min=4, log2_n_max=8, log2_test=12, grid=REDUCED)
+    if name in ("elliptic16", "relu", "elliptic32", "parabolic16", "smooth50"):
+        problem = "elliptic16" if name == "relu" else name
+        return ReferenceConfig(problems=(problem,), activations=("relu" if name == "relu" else "tanh",),
+                               ablation_problems=(), log2_n_min=4, log2_n_max=8, log2_test=12, grid=REDUCED)
     if name == "check":
         return ReferenceConfig(problems=("elliptic16",), ablation_problems=(), log2_n_min=4, log2_n_max=6,
                                log2_test=12, grid=replace(REDUCED, depths=(4, 8, 16), weight_decays=(1e-5, 1e-6, 1e-7)))
@@ -79,8 +80,8 @@ def recipe(name: str) -> ReferenceConfig:
 def combine(out: Path) -> dict[str, Path]:
     """benchmarks/results/qmc_reference.{md,json,png} from the recipes' JSON (see module doc)."""
     res = {r: ReferenceResult.from_dict(json.loads((out / f"qmc_reference_{r}.json").read_text()))
-           for r in ("elliptic16", "others", "check") if (out / f"qmc_reference_{r}.json").exists()}
-    rows = [row for r in ("elliptic16", "others") if r in res for row in res[r].summary()]
+           for r in (*STUDY, "check") if (out / f"qmc_reference_{r}.json").exists()}
+    rows = [row for r in STUDY if r in res for row in res[r].summary()]
     md = ["# QMC vs Monte Carlo training points under the reference protocol", "",
           "Assembled by `python benchmarks/qmc_reference.py --combine` from "
           + ", ".join(f"[qmc_reference_{r}.md](qmc_reference_{r}.md) ({res[r].seconds / 60:.1f} min)" for r in res)
@@ -116,7 +117,7 @@ def main() -> int:
         return 0
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    result = run_reference(recipe(args.recipe))
+    result = run_reference(recipe(args.recipe), cache_dir=ROOT / "runs" / "qmc" / "cache")
     name = f"qmc_reference_{args.recipe}"
     paths = write_report(result, args.out, name, note=f"Command: `OMP_NUM_THREADS=1 nice -n 19 python "
                          f"benchmarks/qmc_reference.py --recipe {args.recipe}`.")

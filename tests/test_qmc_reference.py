@@ -5,6 +5,7 @@ study end to end and its CLI."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -151,11 +152,16 @@ def test_cli_reference_protocol_writes_report(tmp_path: Path) -> None:
     assert main(["study", "--protocol", "reference", "--out", str(tmp_path), "--name", "r"]) == 2  # no overwrite
 
 
-def test_run_reference_records_every_member() -> None:
+def test_run_reference_records_every_member(tmp_path: Path) -> None:
     cfg = ReferenceConfig(problems=("elliptic16",), ablation_problems=(), log2_n_min=2, log2_n_max=4, log2_test=6,
                           grid=GridConfig(widths=(4,), depths=(3,), weight_decays=(1e-5, 0.0), inits=1, epochs=3),
                           problem_options=(("elliptic16", (("n_grid", 8),)),), n_boot=10)
-    res = run_reference(cfg)
+    res = run_reference(cfg, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 3  # two training sets and the test set
+    again = run_reference(cfg, cache_dir=tmp_path)  # from the cache: the same data, the same nets
+    assert [r["E_G"] for r in again.records] == [r["E_G"] for r in res.records]
+    shorter = run_reference(replace(cfg, log2_n_max=3), cache_dir=tmp_path)  # a prefix of the cached sets
+    assert [r["E_G"] for r in shorter.records] == [r["E_G"] for r in res.records if r["n"] <= 8]
     assert len(res.records) == 2 * 2 * 3  # point sets x members x sizes
     ns, e_g, e_t = res.errors("elliptic16", "mc", "tanh")
     assert e_g.shape == (2, 3) and np.isfinite(e_g).all() and np.isfinite(e_t).all()

@@ -10,7 +10,8 @@ so the two are nested as the extrapolated loss needs):
    sets at once (:func:`~resprune.qmc.ensemble.train_batched`);
 2. per member: ``E_G`` = RMSE on a test set of ``2^log2_test`` scrambled Sobol' points (its
    own scrambling, shared by every point set of the problem), ``E_T = sqrt|2 MSE(P_N) -
-   MSE(P_{N/2})|`` (absolute errors, no scaling, as the reference);
+   MSE(P_{N/2})|`` (absolute errors in the units of ``G``, as the reference; with
+   ``grid.scale_targets`` the nets learn standardised targets and are scaled back first);
 3. per ``N``: arithmetic means of ``E_G`` and ``E_T`` over the members, and the gap
    ``|mean E_G - mean E_T|``; rates = minus the least-squares slope of log(error) against
    log(N); bootstrap confidence intervals by resampling the members (with replacement, the
@@ -27,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -221,15 +223,41 @@ def _problem(config: ReferenceConfig, name: str) -> Any:
     return create_problem(name, **dict(dict(config.problem_options).get(name, ())))
 
 
-def _data(config: ReferenceConfig, problem: Any) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
-    """Training ``{kind: (y, G(y))}`` of ``2^log2_n_max`` points each, and the test set."""
-    n_max = 2**config.log2_n_max
+def _data(config: ReferenceConfig, problem: Any, cache_dir: str | Path | None = None
+          ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """Training ``{kind: (y, G(y))}`` of ``2^log2_n_max`` points each, and the test set.
+
+    With ``cache_dir`` the solves are kept in ``cache_dir/<key>.npz`` (key: the problem's
+    fields, point set, seed and test size) and a later run reuses them, taking a prefix when
+    it needs fewer training points (every point set is a sequence)."""
+    n_max, test = 2**config.log2_n_max, PointSetConfig("sobol-scrambled", problem.dim, seed=config.seed + 7919)
     train = {}
     for kind in config.point_sets:
-        y = generate_points(PointSetConfig(kind, problem.dim, seed=config.seed), n_max)
-        train[kind] = (y, problem(y))
-    y_test = generate_points(PointSetConfig("sobol-scrambled", problem.dim, seed=config.seed + 7919), 2**config.log2_test)
-    return train, y_test, problem(y_test)
+        cfg = PointSetConfig(kind, problem.dim, seed=config.seed)
+        train[kind] = _cached(cache_dir, f"{problem!r}|{cfg!r}", n_max, lambda n: _solve(problem, cfg, n))
+    y_test, g_test = _cached(cache_dir, f"{problem!r}|test|{test!r}", 2**config.log2_test,
+                             lambda n: _solve(problem, test, n), exact=True)
+    return train, y_test, g_test
+
+
+def _solve(problem: Any, cfg: PointSetConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    y = generate_points(cfg, n)
+    return y, problem(y)
+
+
+def _cached(cache_dir: str | Path | None, key: str, n: int, make: Any, exact: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    if cache_dir is None:
+        return make(n)
+    path = Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            if len(z["y"]) == n or (len(z["y"]) > n and not exact):
+                return z["y"][:n], z["g"][:n]
+    y, g = make(n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, y=y, g=g)
+    return y, g
 
 
 def _train_shape(config: ReferenceConfig, grid: GridConfig, train: dict, y_test: np.ndarray, g_test: np.ndarray,
@@ -258,15 +286,16 @@ def _train_shape(config: ReferenceConfig, grid: GridConfig, train: dict, y_test:
              "seconds": seconds / len(combos)} for b, (k, wd_, i) in enumerate(combos)]
 
 
-def run_reference(config: ReferenceConfig) -> ReferenceResult:
-    """Run every problem, activation, shape and ``N`` of ``config`` (nothing is written)."""
+def run_reference(config: ReferenceConfig, cache_dir: str | Path | None = None) -> ReferenceResult:
+    """Run every problem, activation, shape and ``N`` of ``config`` (only the optional data
+    cache of :func:`_data` is written)."""
     t_start = time.perf_counter()
     records: list[dict[str, Any]] = []
     data_seconds = 0.0
     for pname in config.problems:
         problem = _problem(config, pname)
         t0 = time.perf_counter()
-        train, y_test, g_test = _data(config, problem)
+        train, y_test, g_test = _data(config, problem, cache_dir)
         data_seconds += time.perf_counter() - t0
         logger.info("%s: d=%d, data in %.1f s", pname, problem.dim, time.perf_counter() - t0)
         for p, act in config.runs():
