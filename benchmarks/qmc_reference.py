@@ -11,6 +11,8 @@ Recipes (see recipe()); each writes benchmarks/results/qmc_reference[_RECIPE].{m
 ``check``        elliptic d = 16, tanh, N = 2^4..2^6: the reference's full 54-member grid
                  (depths 4, 8, 16; weight decays 1e-5, 1e-6, 1e-7) at the reduced optimiser, to
                  compare with ``elliptic16`` on the same N (the member-reduction check);
+``mini``         elliptic d = 16, tanh and ReLU, one shape (width 12, depth 4) x 4 inits,
+                 N = 2^4..2^7, test set 2^11: what a saturated machine could run;
 ``quick``        a smoke run (seconds).
 
 ``--combine`` reads the JSON of the recipes that have run and writes
@@ -49,7 +51,7 @@ from resprune.qmc.reference import (  # noqa: E402
 )
 
 STUDY = ("elliptic16", "relu", "elliptic32", "parabolic16", "smooth50")
-RECIPES = (*STUDY, "check", "quick", "full")
+RECIPES = (*STUDY, "check", "mini", "quick", "full")
 
 #: The reduction used on this machine (a shared 2-core CPU): widths 6, 12, 24 at depth 4 only,
 #: weight decays 1e-5 and 1e-7, 2 inits (12 of the 54 members); 2000 Adam epochs at lr 1e-3
@@ -68,6 +70,9 @@ def recipe(name: str) -> ReferenceConfig:
     if name == "check":
         return ReferenceConfig(problems=("elliptic16",), ablation_problems=(), log2_n_min=4, log2_n_max=6,
                                log2_test=12, grid=replace(REDUCED, depths=(4, 8, 16), weight_decays=(1e-5, 1e-6, 1e-7)))
+    if name == "mini":
+        return ReferenceConfig(problems=("elliptic16",), log2_n_min=4, log2_n_max=7, log2_test=11,
+                               grid=replace(REDUCED, widths=(12,), weight_decays=(1e-5,), inits=4))
     if name == "quick":
         return ReferenceConfig(problems=("elliptic16",), ablation_problems=(), log2_n_min=3, log2_n_max=5,
                                log2_test=8, grid=GridConfig(widths=(6,), depths=(4,), inits=1, epochs=100, lr=1e-3),

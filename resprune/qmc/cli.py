@@ -35,6 +35,20 @@ def _range(s: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected LO:HI (log2 of N), got {s!r}") from e
 
 
+def _add_reference_args(st: argparse.ArgumentParser) -> None:
+    """The options of ``--protocol reference`` (the grid ensemble and its training)."""
+    st.add_argument("--widths", type=_ints, default=(6, 12, 24), help="reference: hidden widths of the grid")
+    st.add_argument("--depths", type=_ints, default=(4, 8, 16), help="reference: linear layers of the grid")
+    st.add_argument("--weight-decays", type=_floats, default=(1e-5, 1e-6, 1e-7),
+                    help="reference: Adam weight decays of the grid")
+    st.add_argument("--inits", type=int, default=2, help="reference: initialisations per grid point")
+    st.add_argument("--epochs", type=int, default=20000, help="reference: full-batch Adam epochs")
+    st.add_argument("--lr-final", type=float, default=None,
+                    help="reference: decay the learning rate to this (cosine); default constant")
+    st.add_argument("--scale-targets", action="store_true",
+                    help="reference: train on standardised targets (errors stay in the units of G)")
+
+
 def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``qmc`` (with sub-command ``study``) to ``subparsers``; returns the ``qmc`` parser."""
     from resprune.qmc.points import list_point_sets
@@ -80,16 +94,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     st.add_argument("--fixed-decay", action="store_true", help="use --weight-decay as is for every N")
     st.add_argument("--loss", choices=("mse", "extrapolated"), default="mse",
                     help="'extrapolated': 2 L(P_N) - L(P_N/2) on the nested sets")
-    st.add_argument("--widths", type=_ints, default=(6, 12, 24), help="reference: hidden widths of the grid")
-    st.add_argument("--depths", type=_ints, default=(4, 8, 16), help="reference: linear layers of the grid")
-    st.add_argument("--weight-decays", type=_floats, default=(1e-5, 1e-6, 1e-7),
-                    help="reference: Adam weight decays of the grid")
-    st.add_argument("--inits", type=int, default=2, help="reference: initialisations per grid point")
-    st.add_argument("--epochs", type=int, default=20000, help="reference: full-batch Adam epochs")
-    st.add_argument("--lr-final", type=float, default=None,
-                    help="reference: decay the learning rate to this (cosine); default constant")
-    st.add_argument("--scale-targets", action="store_true",
-                    help="reference: train on standardised targets (errors stay in the units of G)")
+    _add_reference_args(st)
     st.add_argument("--grid", type=int, default=None, help="override n_grid of the PDE problems")
     st.add_argument("--seed", type=int, default=0, help="base seed of training and test points")
     st.add_argument("--threads", type=int, default=1, help="torch threads")
