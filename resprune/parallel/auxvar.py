@@ -10,26 +10,29 @@ Every boundary state between stages gets a **per-sample auxiliary variable** ``�
 input of stage ``k``, ``k = 1..K−1``; ``λ_0`` is the data), stored on rank ``k``, the rank that
 owns the stage input. The training problem becomes
 
-    min over θ, λ of  ℓ(F_{K−1}(λ_{K−1}), y) + Σ_{k=1}^{K−1} f²·[(β/2)‖P F_{k−1}(λ_{k−1}) − P λ_k‖² + ⟨μ_k, P F_{k−1} − P λ_k⟩]
+    min over θ, λ of  ℓ(F_{K−1}(λ_{K−1}), y) + Σ_{k=1}^{K−1} mean[(β/2)(P F_{k−1}(λ_{k−1}) − P λ_k)² + μ_k·(P F_{k−1} − P λ_k)]
 
-(norms summed over a sample's elements, averaged over the batch; ``μ = 0`` in the penalty
-variant). With λ fixed every stage's sub-problem is independent, so the ranks run in parallel:
+(``mean``: over the batch and a state's elements, so β means the same at every boundary
+size and filter; ``μ = 0`` in the penalty variant). With λ fixed every stage's sub-problem is
+independent, so the ranks run in parallel:
 
 1. rank ``k ≥ 1`` reads ``λ_k`` of the batch's samples and sends rank ``k−1`` its target
    ``P λ_k − μ_k/β`` (the augmented-Lagrangian term is the penalty around a shifted target,
    up to a constant); every rank runs its stage forward and sends ``P F_k`` to rank ``k+1``;
-2. rank ``k < K−1`` minimises ``(β/2) f²‖P F_k − target‖²`` over ``θ_k``; the last rank its task
-   loss from ``λ_{K−1}``; every rank ``k ≥ 1`` also takes the gradient of the two terms that
-   couple its ``λ_k`` (its own stage's term through the input, and the previous stage's term
-   through the target) and steps ``λ_k ← λ_k − (aux_step/β)·∇_{λ_k}`` (per-sample objective);
+2. rank ``k < K−1`` minimises ``(β/2)·mean(P F_k − target)²`` over ``θ_k``; the last rank its
+   task loss from ``λ_{K−1}``; every rank ``k ≥ 1`` also takes the gradient ``g`` of the two
+   terms that couple its ``λ_k`` (its own stage's term through the input, and the previous
+   stage's term through the target) and steps ``λ_k ← λ_k − (aux_step/β)·(B·d_k)·g``
+   (``B·d_k``: the batch's elements of λ_k; the previous stage's term alone then moves λ a
+   fraction ``aux_step`` of the way to ``P F``);
 3. the augmented-Lagrangian variant then updates ``μ_k ← μ_k + β (P F_{k−1} − P λ_k)``.
 
 ``P`` is the **downsampling filter** on what crosses a boundary: average pooling by
 ``downsample`` (``f``; 1 = none) over the spatial dimensions. The coupling is measured between
-the filtered states, ``f²‖P a − P b‖² = ‖U P a − U P b‖²`` with ``U`` nearest upsampling: the
-received coarse state is, in effect, upsampled on arrival, and the λ gradient through ``P`` is
-exactly that upsampling (autograd). Bytes sent per step: two coarse states per boundary
-(``stats["sent_bytes"]``); ``μ`` lives on the coarse grid.
+the filtered states (on the coarse grid, which is the same as comparing both upsampled by
+nearest neighbour): the received coarse state is, in effect, upsampled on arrival, and the
+λ gradient through ``P`` is exactly that upsampling (autograd). Bytes sent per parallel step:
+two coarse states per boundary (``stats["sent_bytes"]``); ``μ`` lives on the coarse grid.
 
 **Initialisation.** The first time a sample is met (``index`` given, sample not yet seen) the
 batch runs one ordinary serial forward, stage after stage: each rank stores what it receives
@@ -48,23 +51,27 @@ Taken from the papers' descriptions: auxiliary boundary states per sample; the p
 and augmented-Lagrangian formulations and the multiplier update; parallel sub-problems with λ
 fixed, then the λ (and μ) update; initialisation by a serial forward; downsampling filters on
 the communicated auxiliary variables; the final serial correction with augmentation; the
-speed-up bound. This engine's own choices: the objective's scaling (sums over elements, batch
-mean; ``f²`` so that β means the same at every ``downsample``); coupling between the *filtered*
-states on both sides (comparing a full state with an upsampled coarse one would penalise
-the lost detail and never be zero); one gradient step on λ per visit with step
-``aux_step/β`` (the target term alone then moves λ a fraction ``aux_step`` towards ``F``, and
-in the linear regime the previous stage's penalty gradient is ``aux_step`` times backprop's);
-lazy initialisation (a sample is initialised with the weights of the moment it is first met);
-β growing geometrically per parallel epoch (``beta_growth``, capped by ``beta_max``); λ and μ
-are not checkpointed (after a resume, weight load or re-partition they are re-initialised by a
-serial forward); BN running statistics of parallel epochs come from λ inputs, so the loop
-re-estimates them by exact forwards after each parallel epoch (``exact_bn_stats`` False).
+speed-up bound. This engine's own choices: the objective's scaling (means over a state's
+elements and the batch); coupling between the *filtered* states on both sides (comparing a
+full state with an upsampled coarse one would penalise the lost detail and never be zero);
+one gradient step on λ per visit with the step above (in the linear regime the previous
+stage's penalty gradient is then ``aux_step`` times backprop's, whatever β; β sets how far λ
+strays from ``F`` under the task loss's pull, and how stiff the stages' sub-problems are: a
+large β needs a small learning rate); lazy initialisation (a sample is initialised with the
+weights of the moment it is first met, so parallel epoch 1 is that serial forward plus a λ
+step); β growing geometrically per parallel epoch (``beta_growth``, capped by ``beta_max``); λ
+and μ are not checkpointed (after a resume, weight load or re-partition they are
+re-initialised by a serial forward); BN running statistics of parallel epochs come from λ
+inputs, so the loop re-estimates them by exact forwards after each parallel epoch
+(``exact_bn_stats`` False).
 
 **Memory.** Rank ``k ≥ 1`` holds ``N·d_k`` floats for ``λ_k`` (``d_k`` elements of the state
-entering stage ``k``, ``N`` training samples) plus ``N·d_k/f²`` for ``μ_k`` (AL) and one byte
-per sample (``memory_bytes()["aux"]``); rank 0 holds one byte per sample.
+entering stage ``k``, ``N`` training samples) plus ``N·d_k/f²`` for ``μ_k`` (AL) and two
+bytes per sample per store for flags (``memory_bytes()["aux"]``); rank 0 holds two bytes per
+sample. ResNet-20 at K = 2 (boundary 32×16×16, float32): 32 KiB per sample, 1.6 GB for the
+50 000 CIFAR-10 images (plus 0.4 GB of μ at ``downsample=2``).
 
-Example (one process: every epoch is serial training of the whole net):
+Example (one process: no boundary, so every step is a serial step of the whole net):
     >>> import torch, resprune as rp
     >>> from resprune.parallel import create_engine, AuxVarConfig
     >>> eng = create_engine("auxvar", rp.create_model("resnet20"), torch.nn.functional.cross_entropy,
@@ -103,8 +110,8 @@ class AuxVarConfig(StageConfig):
         beta: the penalty weight β of the first parallel epoch, > 0.
         beta_growth: β is multiplied by this after every parallel epoch, >= 1.
         beta_max: cap of β, >= beta.
-        aux_step: λ step, in units of 1/β (the fraction of its own residual the target term
-            alone would close), in (0, 1].
+        aux_step: λ step, in units of 1/β per element (the fraction of the residual the
+            previous stage's term alone closes), in (0, 1].
         downsample: average-pooling factor of the communicated states (1: full resolution);
             every boundary's spatial size must be divisible by it.
         input_size: sample input shape the partition is balanced for (default: the model's
@@ -378,12 +385,12 @@ class AuxVarEngine(StagedEngine):
         return [task, 0.0 if coupling is None else float(coupling.detach()), reg_v]
 
     def _stage_penalty(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``(β/2) f² ‖P out − target‖²`` per sample, batch mean: what θ_k minimises."""
+        """``(β/2)·mean(P out − target)²``: what θ_k minimises."""
         return 0.5 * self.beta * (self._pool(out) - target).pow(2).mean()
 
     def _coupling(self, prev: torch.Tensor, lam: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The previous stage's term as a function of this rank's λ: ``f²[(β/2)‖c‖² + ⟨μ, c⟩]``
-        with ``c = P F_{k−1} − P λ_k``, per sample, batch mean (the value the loss reports)."""
+        """The previous stage's term as a function of this rank's λ: ``mean[(β/2)c² + μ·c]``
+        with ``c = P F_{k−1} − P λ_k`` (the value the loss reports)."""
         c = prev - self._pool(lam)
         value = 0.5 * self.beta * c.pow(2).mean()
         if self.mu is not None:
@@ -402,7 +409,7 @@ class AuxVarEngine(StagedEngine):
 
     @torch.no_grad()
     def _update_aux(self, index: torch.Tensor, lam: torch.Tensor, prev: torch.Tensor | None) -> None:
-        """``λ ← λ − (aux_step/β)·∇λ`` of the per-sample objective; AL: ``μ ← μ + β(P F − P λ)``
+        """``λ ← λ − (aux_step/β)·(B·d)·∇λ``; AL: ``μ ← μ + β(P F − P λ)``
         with the new λ (``prev`` = ``P F_{k−1}``; ``None`` at initialisation, where it is λ)."""
         grad = lam.grad if lam.grad is not None else torch.zeros_like(lam)
         self.aux_grad = grad
