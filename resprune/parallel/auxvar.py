@@ -173,7 +173,7 @@ class SampleStore:
 
     def put(self, index: torch.Tensor, value: torch.Tensor) -> None:
         self._grow(int(index.max()) + 1)
-        self.data[index] = value.detach().to(self.data.dtype)
+        self.data[index] = value.detach().to(self.data.device, self.data.dtype)
         self.seen[index] = True
 
     def nbytes(self) -> int:
