@@ -37,6 +37,9 @@ def run_threads(P, fn):
         t.join(timeout=120)
     if errs:
         raise errs[0]
+    late = [r for r, t in enumerate(th) if t.is_alive()]
+    if late:  # a starved machine, or a rank waiting for a message that never comes
+        raise TimeoutError(f"simulated ranks {late} of {P} still running after the 120 s join timeout")
     return out
 
 
