@@ -16,12 +16,20 @@ times them on the chosen runtime:
 * another conv X (a stem or a stride-2 transition) leads a chain of M − 1 shape-keeping
   convs Y at its output size: ``cost(X) = t(X, Y×(M−1)) − t(Y×M) + cost(Y)``.
 
-The whole model is timed in the same interleaved rounds (blocks of fresh sessions, threads
-pinned, no spin-waiting: the rules of ``ort_bench.py``), and what the convolutions do not
-explain is the table's ``fixed_ms`` (input/output copies, pooling, the classifier, the
-option-A shortcuts, the session's own overhead). A model's predicted latency is
-``fixed_ms + Σ cost(signature)`` over its convolutions, so a table made from a ResNet-56
-also predicts a pruned ResNet-56 or a ResNet-110 (same signatures) on the same device.
+The whole model and the model *stripped* of its shape-keeping convs (bypassed in the graph;
+timed, never used for its values) run in the same interleaved rounds (blocks of fresh
+sessions, threads pinned, no spin-waiting: the rules of ``ort_bench.py``). The stripped
+model gives ``fixed_ms``, what is not in the convolutions (input/output copies, pooling, the
+classifier, the option-A shortcuts, the session's own overhead); the whole model gives
+``penalty_ms_per_mb``, what it costs beyond its per-layer sum, per MB of conv weights
+beyond the L2 cache of the cores that run it (``cache_bytes``; weights that do not fit are
+fetched again from the next level of memory at every run, which a short chain, whose
+weights fit, does not show). A model's predicted latency is::
+
+    fixed_ms + Σ ms(signature) + penalty_ms_per_mb · max(0, weight MB − cache MB)
+
+over its convolutions, so a table made from a ResNet-56 also predicts a pruned ResNet-56
+or a ResNet-110 (same signatures) on the same device.
 
 Before timing, the runtime's logits on the sidecar's fingerprint input (``MODEL.json``
 beside ``MODEL.onnx``) are compared with the recorded ones: in fp32 a difference over the
@@ -386,16 +394,48 @@ def time_all(rt: Runtime, files: dict[str, str], batch: int, runs: int, warmup: 
     return times
 
 
-def calibrate(micro: dict, gone: list[dict], med: dict) -> dict:
-    """One factor on the micro-graph costs so that they explain what the model loses without
-    its shape-keeping convs (in a model, a conv pays for caches shared with all other layers'
-    weights and activations, which a short chain does not show)."""
-    removed = sum(micro[signature(g)] for g in gone)
-    saved = med["model"] - med["stripped"]
-    ok = removed > 0 and saved > 0
-    return {"stripped_ms": med["stripped"], "removed_convs": len(gone), "micro_sum_ms": removed,
-            "saved_ms": saved, "scale": saved / removed if ok else 1.0,
-            "note": "scale = saved_ms / micro_sum_ms" if ok else "no usable difference; scale 1"}
+def weight_bytes(g: dict) -> int:
+    """Bytes of a fused conv's fp32 weights and bias."""
+    return 4 * (g["cout"] * g["cin"] // g["groups"] * g["kh"] * g["kw"] + g["cout"])
+
+
+def cache_bytes(threads: int) -> int | None:
+    """The L2 cache of the cores that run the model (per-core size × threads; Linux sysfs),
+    None where it cannot be read."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for d in sorted(base.glob("index*")):
+            if (d / "level").read_text().strip() == "2" and (d / "type").read_text().strip() in ("Unified", "Data"):
+                size = (d / "size").read_text().strip().upper()
+                mult = {"K": 2**10, "M": 2**20}.get(size[-1], 1)
+                return int(size.rstrip("KM")) * mult * threads
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def calibrate(micro: dict, convs: list[dict], gone: list[dict], med: dict, cache: int | None) -> dict:
+    """The fixed part and the cache penalty, from the model and the model without its
+    shape-keeping convs (see the module docstring)::
+
+        t(model) = fixed + Σ micro(conv) + penalty · max(0, weight bytes − cache)
+
+    ``fixed`` comes from the stripped model (a few convs, weights far inside the cache), the
+    penalty (ms per MB of weights beyond the cache: re-read each run from the next level of
+    memory) from the whole model. When the whole model's weights fit the cache, or it is not
+    slower than its sum, the penalty is 0 and what is left over goes to ``fixed``."""
+    left = list(convs)
+    for g in gone:
+        left.remove(g)
+    fixed = med["stripped"] - sum(micro[signature(g)] for g in left)
+    w_all = sum(weight_bytes(g) for g in convs)
+    excess = med["model"] - fixed - sum(micro[signature(g)] for g in convs)
+    use = cache is not None and w_all > cache and excess > 0
+    pen = excess / ((w_all - cache) / 2**20) if use else 0.0
+    return {"stripped_ms": med["stripped"], "removed_convs": len(gone), "cache_bytes": cache,
+            "weight_bytes": w_all, "excess_ms": excess, "penalty_ms_per_mb": pen,
+            "fixed_ms": fixed if use else fixed + excess,
+            "mode": "cache penalty" if use else "leftover in fixed (weights within the cache or no excess)"}
 
 
 def build_table(args: argparse.Namespace) -> dict:
@@ -419,9 +459,8 @@ def build_table(args: argparse.Namespace) -> dict:
             onnx.save(chain_graph(g, args.batch, n, lead), files[label])
         times = time_all(rt, files, args.batch, args.runs, args.warmup, args.blocks)
     med = {k: ob.percentile(v, 50) for k, v in times.items()}
-    micro = costs(how, med, args.chain)
-    calib = calibrate(micro, gone, med)
-    cost = {k: calib["scale"] * v for k, v in micro.items()}
+    cost = costs(how, med, args.chain)
+    calib = calibrate(cost, convs, gone, med, cache_bytes(rt.threads))
     count = Counter(signature(c) for c in convs)
     geo = {signature(c): c for c in convs}
     whole = ob.stats(args.batch, [v / 1e3 for v in times["model"]])
@@ -431,15 +470,17 @@ def build_table(args: argparse.Namespace) -> dict:
         "device": ob.device_info(), "runtime": rt.describe(), "precision": rt.precision,
         "threads": rt.threads, "batch": args.batch,
         "method": (f"micro-graphs: chains of 1 and {args.chain} copies of each fused conv (slope); a conv that "
-                   f"changes the shape leads a chain of {args.chain - 1} shape-keeping convs"),
+                   f"changes the shape leads a chain of {args.chain - 1} shape-keeping convs; fixed part from the "
+                   "model without its shape-keeping convs, cache penalty from the whole model"),
         "settings": {"chain": args.chain, "runs": args.runs, "warmup": args.warmup, "blocks": args.blocks,
                      "timing_wall_s": round(time.perf_counter() - t0, 2)},
         "model": {"file": model.name, "sha256": info.get("onnx_sha256"), "input_shape": info["input_shape"],
                   "macs_per_sample": info.get("macs_per_sample"), "latency_ms": whole["median_ms"],
                   "q25_ms": whole["q25_ms"], "q75_ms": whole["q75_ms"], "convs": dict(count)},
-        "fixed_ms": whole["median_ms"] - sum(n * cost[s] for s, n in count.items()),
-        "layers": {s: {"ms": cost[s], "micro_ms": micro[s], "count": count[s], "geometry": geo[s], "method": how[s][0]}
-                   for s in cost},
+        "fixed_ms": calib["fixed_ms"], "cache_bytes": calib["cache_bytes"],
+        "penalty_ms_per_mb": calib["penalty_ms_per_mb"],
+        "layers": {s: {"ms": cost[s], "weight_bytes": weight_bytes(geo[s]), "count": count[s], "geometry": geo[s],
+                       "method": how[s][0]} for s in cost},
         "calibration": calib,
         "micro_graphs_ms": {k: v for k, v in med.items() if k not in ("model", "stripped")},
         "check": check,
@@ -452,6 +493,9 @@ def format_table(t: dict) -> str:
     for s, e in t["layers"].items():
         lines.append(f"{s:<46} {e['count']:>5} {e['ms']:>9.4f} {e['count'] * e['ms']:>9.3f}")
     lines.append(f"{'fixed (not in the convs)':<46} {'':>5} {'':>9} {t['fixed_ms']:>9.3f}")
+    c = t["calibration"]
+    if t["penalty_ms_per_mb"]:
+        lines.append(f"{'cache penalty (weights beyond the L2 cache)':<46} {'':>5} {'':>9} {c['excess_ms']:>9.3f}")
     lines.append(f"{'whole model, measured':<46} {'':>5} {'':>9} {t['model']['latency_ms']:>9.3f}")
     c = t["check"]
     lines += ["", f"device: {t['device']['cpu_model']}; {r['name']} {r['version']} {t['precision']}, "

@@ -4,10 +4,11 @@ of a model, of each of its conv layers and of each removal unit on the table's d
 A table holds, per fused-conv *signature* (kernel, stride, padding, channels, input size and
 what follows the conv: ``+Relu``, or ``+Add+Relu`` for the conv that ends a residual block),
 the milliseconds that conv costs on one device, runtime, precision, thread count and batch
-size, and ``fixed_ms``: what the whole model took beyond its convolutions. The predicted
-latency of a model is ``fixed_ms + Σ ms[signature]`` over its conv layers; removing a unit
-saves the milliseconds of the conv layers it removes (a residual branch takes its ``Add``
-and ``Relu`` with it, inside its ``+Add+Relu`` signature).
+size, ``fixed_ms`` (what is not in the convolutions) and a cache penalty (ms per MB of conv
+weights beyond ``cache_bytes``). The predicted latency of a model is ``fixed_ms + Σ
+ms[signature] + penalty_ms_per_mb · max(0, weight MB − cache MB)`` over its conv layers
+(docs/export.md); removing a unit removes its conv layers' milliseconds and weights (a
+residual branch takes its ``Add`` and ``Relu`` with it, inside its ``+Add+Relu`` signature).
 
 Example:
     >>> import resprune as rp  # doctest: +SKIP
@@ -108,6 +109,9 @@ class LatencyTable:
             raise LatencyTableError(f"{source}: non-finite costs for {bad or ['fixed_ms']}")
         self.data, self.source = data, source
         self.ms = {s: max(0.0, float(e["ms"])) for s, e in data["layers"].items()}  # noise can dip below 0
+        self.bytes = {s: int(e.get("weight_bytes", 0)) for s, e in data["layers"].items()}
+        self.cache = data.get("cache_bytes")
+        self.penalty = max(0.0, float(data.get("penalty_ms_per_mb") or 0.0)) if self.cache is not None else 0.0
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
@@ -140,14 +144,28 @@ class LatencyTable:
                 f"{unknown[:3]}; make the table from this model's ONNX file (export/latency_table.py)")
         return {n: self.ms[s] for n, s in sigs.items()}
 
+    def layer_bytes(self, sigs: dict[str, str]) -> dict[str, int]:
+        """Fused weight bytes of each named layer (the cache penalty's measure)."""
+        return {n: self.bytes.get(s, 0) for n, s in sigs.items()}
+
+    def cache_ms(self, weight_bytes: int) -> float:
+        """The penalty for ``weight_bytes`` of conv weights (0 within the cache)."""
+        return self.penalty * max(0, weight_bytes - (self.cache or 0)) / 2**20 if self.penalty else 0.0
+
+    def total(self, layer_ms: dict[str, float], layer_bytes: dict[str, int]) -> float:
+        """Predicted latency (ms) of a model made of these layers."""
+        return self.fixed_ms + sum(layer_ms.values()) + self.cache_ms(sum(layer_bytes.values()))
+
     def predict(self, model: nn.Module, input_size: tuple[int, ...] | None = None) -> float:
         """Predicted latency (ms) of ``model`` at the table's batch size."""
         size = input_size or tuple(self.data["model"]["input_shape"][1:])
-        return self.fixed_ms + sum(self.layer_ms(layer_signatures(model, (1, *size[-3:]))).values())
+        sigs = layer_signatures(model, (1, *size[-3:]))
+        return self.total(self.layer_ms(sigs), self.layer_bytes(sigs))
 
-    def per_stage(self, layer_ms: dict[str, float]) -> dict[str, float]:
-        """Milliseconds per top-level child (stage) of the model; ``fixed`` for the rest."""
+    def per_stage(self, layer_ms: dict[str, float], layer_bytes: dict[str, int]) -> dict[str, float]:
+        """Milliseconds per top-level child (stage) of the model; ``fixed`` and ``cache`` (the
+        penalty for weights beyond the cache) for the rest."""
         out = Counter()
         for n, v in layer_ms.items():
             out[n.split(".")[0]] += v
-        return {"fixed": self.fixed_ms, **dict(out)}
+        return {"fixed": self.fixed_ms, "cache": self.cache_ms(sum(layer_bytes.values())), **dict(out)}

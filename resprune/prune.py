@@ -307,10 +307,13 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
               for l in _conv_layers(model, "")}
     units = removal_units(model)
     table = LatencyTable.load(config.latency_table) if config.latency_table else None
-    lat_ms = table.layer_ms(layer_signatures(model, config.input_size)) if table else {}
+    sigs = layer_signatures(model, config.input_size) if table else {}
+    lat_ms, lat_bytes = (table.layer_ms(sigs), table.layer_bytes(sigs)) if table else ({}, {})
+    above = table is not None and table.cache_ms(sum(lat_bytes.values())) > 0
     for u in units:
         u.macs = sum(layers[l] for l in u.layers)
-        u.ms = sum(lat_ms.get(l, 0.0) for l in u.layers)
+        u.ms = sum(lat_ms[l] + (table.cache_ms(lat_bytes[l] + table.cache) if above else 0.0)
+                   for l in u.layers) if table else 0.0
 
     if config.threshold is not None:
         chosen = [u for u in units if abs(u.scale) < config.threshold]
@@ -318,20 +321,21 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     elif config.target_macs is not None:
         b = config.target_macs
         budget = int(b * before.macs) if isinstance(b, float) else int(b)
-        chosen = _select_budget(units, layers, layers, before.macs, budget, config, lambda left: (
+        chosen = _select_budget(units, layers, lambda gone: before.macs - sum(layers[l] for l in gone),
+                                budget, config, lambda left: (
             f"target_macs={b} (budget {budget:,} MACs of {before.macs:,}) cannot be met: removing every "
             f"removable layer the stage rule allows leaves {left:,} MACs ({100 * left / before.macs:.1f}%)."))
     else:
-        total = table.fixed_ms + sum(lat_ms.values())
+        total = _predictor(table, lat_ms, lat_bytes)
         d = table.describe()
-        chosen = _select_budget(units, layers, lat_ms, total, config.target_latency_ms, config, lambda left: (
+        chosen = _select_budget(units, layers, total, config.target_latency_ms, config, lambda left: (
             f"target_latency_ms={config.target_latency_ms:g} cannot be met on {d['device']} ({d['runtime']} "
             f"{d['precision']}, batch {d['batch']}, {d['threads']} thread(s), table {d['table']}): removing every "
-            f"removable layer the stage rule allows leaves a predicted {left:.3f} ms (unpruned {total:.3f} ms, "
+            f"removable layer the stage rule allows leaves a predicted {left:.3f} ms (unpruned {total(set()):.3f} ms, "
             f"of which {table.fixed_ms:.3f} ms outside the convolutions)."))
 
     names = [u.name for u in chosen]
-    latency = _latency_report(table, lat_ms, units, chosen, layers, before.macs, config) if table else None
+    latency = _latency_report(table, lat_ms, lat_bytes, units, chosen, layers, before.macs, config) if table else None
     remove_units_(model, names)
     after = profile(model, config.input_size)
     report = PruneReport(
@@ -370,36 +374,45 @@ def _removals(order: list[RemovalUnit], layers: dict[str, int], min_keep: int):
         yield u, new
 
 
-def _select_budget(units, layers, cost: dict, total, budget, config: PruneConfig, unmet) -> list[RemovalUnit]:
-    """Greedy removal in rank order until ``total`` minus the removed layers' ``cost`` is at
-    most ``budget``; ``unmet(left)`` words the error when it cannot be."""
+def _select_budget(units, layers, measure, budget, config: PruneConfig, unmet) -> list[RemovalUnit]:
+    """Greedy removal in rank order until ``measure(removed layers)`` (MACs or predicted ms of
+    what is left) is at most ``budget``; ``unmet(left)`` words the error when it cannot be."""
     chosen: list[RemovalUnit] = []
-    left = total
+    gone: set[str] = set()
     for u, new in _removals(_order(units, config.rank), layers, config.min_layers_per_stage):
-        if left <= budget:
+        if measure(gone) <= budget:
             break
         chosen.append(u)
-        left -= sum(cost[l] for l in new)
+        gone.update(new)
+    left = measure(gone)
     if left > budget:
         raise PruneError(f"{unmet(left)} Nothing was removed.")
     return [u for u in units if u in chosen]  # module order
 
 
-def _latency_report(table: LatencyTable, lat_ms: dict, units, chosen, layers, macs: int, config: PruneConfig) -> dict:
+def _predictor(table: LatencyTable, lat_ms: dict, lat_bytes: dict):
+    """Predicted ms of the model without the given layers."""
+    return lambda gone: table.total({l: v for l, v in lat_ms.items() if l not in gone},
+                                    {l: v for l, v in lat_bytes.items() if l not in gone})
+
+
+def _latency_report(table: LatencyTable, lat_ms: dict, lat_bytes: dict, units, chosen, layers, macs: int,
+                    config: PruneConfig) -> dict:
     """Predicted latency before/after and per stage, and the predicted (MACs, ms) after each
     step of the greedy removal in every rank order (the candidate prunings)."""
     gone = {l for u in chosen for l in u.layers}
     kept = {l: v for l, v in lat_ms.items() if l not in gone}
-    total = table.fixed_ms + sum(lat_ms.values())
+    kept_bytes = {l: v for l, v in lat_bytes.items() if l not in gone}
+    total = _predictor(table, lat_ms, lat_bytes)
     candidates = {}
     for rank in RANKS:
-        m, t, path = macs, total, [[macs, total]]
+        m, off, path = macs, set(), [[macs, total(set())]]
         for _u, new in _removals(_order(units, rank), layers, config.min_layers_per_stage):
             m -= sum(layers[l] for l in new)
-            t -= sum(lat_ms[l] for l in new)
-            path.append([m, t])
+            off.update(new)
+            path.append([m, total(off)])
         candidates[rank] = path
-    return {**table.describe(), "target_ms": config.target_latency_ms, "predicted_before_ms": total,
-            "predicted_after_ms": table.fixed_ms + sum(kept.values()),
-            "per_stage_before_ms": table.per_stage(lat_ms), "per_stage_after_ms": table.per_stage(kept),
-            "candidates": candidates}
+    return {**table.describe(), "target_ms": config.target_latency_ms, "predicted_before_ms": total(set()),
+            "predicted_after_ms": total(gone),
+            "per_stage_before_ms": table.per_stage(lat_ms, lat_bytes),
+            "per_stage_after_ms": table.per_stage(kept, kept_bytes), "candidates": candidates}

@@ -59,12 +59,14 @@ def test_tool_runs_without_torch_and_writes_the_table(r20):
     assert t["model"]["convs"] == dict(Counter(layer_signatures(model, SIZE).values()))
     assert set(t["layers"]) == set(t["model"]["convs"])
     assert {e["method"] for e in t["layers"].values()} == {"chain", "lead"}  # stem/transitions lead a chain
-    total = t["fixed_ms"] + sum(e["ms"] * e["count"] for e in t["layers"].values())
-    assert total == pytest.approx(t["model"]["latency_ms"], rel=1e-9)
     c = t["calibration"]
-    assert c["removed_convs"] == 18 and c["scale"] > 0  # both convs of all 9 blocks
-    for e in t["layers"].values():
-        assert e["ms"] == pytest.approx(c["scale"] * e["micro_ms"], rel=1e-9)
+    assert c["removed_convs"] == 18  # both convs of all 9 blocks
+    w = sum(e["weight_bytes"] * e["count"] for e in t["layers"].values())
+    assert w == c["weight_bytes"] == 4 * sum(p.numel() for p in rp.fuse(model).parameters() if p.dim() in (1, 4)) - 4 * 10
+    penalty = t["penalty_ms_per_mb"] * max(0, w - (t["cache_bytes"] or 0)) / 2**20
+    total = t["fixed_ms"] + sum(e["ms"] * e["count"] for e in t["layers"].values()) + penalty
+    assert total == pytest.approx(t["model"]["latency_ms"], rel=1e-9)
+    assert (t["penalty_ms_per_mb"] > 0) == (c["mode"] == "cache penalty")
     assert "fingerprint check" in stdout and "whole model, measured" in stdout
     # the table predicts the model it was made from exactly (its own calibration point)
     assert LatencyTable.load(d / "table.json").predict(model) == pytest.approx(t["model"]["latency_ms"], rel=1e-9)
@@ -159,11 +161,31 @@ def test_latency_budget_removes_least_important_first(tmp_path):
     assert rep.removed == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
     assert lat["predicted_after_ms"] == pytest.approx(16.0)
     assert LatencyTable.load(table).predict(m) == pytest.approx(16.0)  # the pruned model, re-predicted
-    assert lat["per_stage_after_ms"] == {"fixed": 1.0, "stem": 1.0, "layer1": 2.0, "layer2": 6.0, "layer3": 6.0}
+    assert lat["per_stage_after_ms"] == {"fixed": 1.0, "cache": 0.0, "stem": 1.0, "layer1": 2.0, "layer2": 6.0,
+                                         "layer3": 6.0}
     assert lat["device"] == "test CPU" and lat["runtime"] == "onnxruntime" and lat["batch"] == 1
     assert "latency budget 16.5 ms" == rep.rule() and "predicted latency 20.000 → 16.000 ms" in rep.summary()
     path = lat["candidates"]["scale"]
     assert path[0] == [rep.macs_before, 20.0] and all(b[1] < a[1] and b[0] < a[0] for a, b in zip(path, path[1:]))
+
+
+def test_cache_penalty_counts_weights_beyond_the_cache(tmp_path):
+    """With ``cache_bytes`` and ``penalty_ms_per_mb`` the prediction adds the penalty for the
+    weight bytes beyond the cache, and removing units takes both their ms and their bytes."""
+    m = _scaled_r20()
+    table = _table(m, tmp_path)
+    data = json.loads(table.read_text())
+    for e in data["layers"].values():
+        e["weight_bytes"] = 2**20  # 1 MB per conv: 19 MB in all
+    data.update(cache_bytes=15 * 2**20, penalty_ms_per_mb=0.5)
+    table.write_text(json.dumps(data))
+    assert LatencyTable.load(table).predict(m) == pytest.approx(20.0 + 0.5 * 4)
+    rep = rp.prune_(m, rp.PruneConfig(target_latency_ms=16.5, latency_table=str(table)))
+    # 4 convs gone: 15 MB left, within the cache: 1 + 15 = 16 ms (without the penalty's fall
+    # the first 3 convs would give 17 + 0.5 = 17.5 ms, still over the target)
+    assert len(rep.removed) == 4 and rep.latency["predicted_after_ms"] == pytest.approx(16.0)
+    assert rep.latency["per_stage_before_ms"]["cache"] == pytest.approx(2.0)
+    assert rep.latency["per_stage_after_ms"]["cache"] == 0.0
 
 
 def test_scale_per_ms_prefers_expensive_layers(tmp_path):
