@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -82,3 +87,15 @@ def run_rank(main) -> None:
         traceback.print_exc()
         code = 1
     finalize(code)
+
+
+def blocked_env(shim: Path, names: tuple[str, ...] = ("torch", "resprune")) -> dict:
+    """Environment whose Python cannot import ``names`` (failing fake packages first on the
+    path), for checking that the export/ tools run without torch or resprune."""
+    for name in names:
+        (shim / name).mkdir()
+        (shim / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked: export/ must run without it')\n")
+    env = {**os.environ, "PYTHONPATH": str(shim) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the shim works
+    return env
