@@ -50,7 +50,8 @@ from resprune.qmc.reference import (  # noqa: E402
     write_report,
 )
 
-STUDY = ("elliptic16", "relu", "elliptic32", "parabolic16", "smooth50")
+STUDY = ("elliptic16", "relu", "elliptic32", "parabolic16", "smooth50",
+         "elliptic32_relu", "parabolic16_relu", "smooth50_relu")  # "relu": elliptic16 with ReLU
 RECIPES = (*STUDY, "check", "mini", "quick", "full")
 
 #: The reduction used on this machine (a shared 2-core CPU): widths 6, 12, 24 at depth 4 only,
@@ -63,9 +64,9 @@ REDUCED = GridConfig(depths=(4,), weight_decays=(1e-5, 1e-7), epochs=2000, lr=1e
 
 def recipe(name: str) -> ReferenceConfig:
     """The configurations behind benchmarks/results/qmc_reference*.md (module docstring)."""
-    if name in ("elliptic16", "relu", "elliptic32", "parabolic16", "smooth50"):
-        problem = "elliptic16" if name == "relu" else name
-        return ReferenceConfig(problems=(problem,), activations=("relu" if name == "relu" else "tanh",),
+    if name in STUDY:
+        problem = "elliptic16" if name == "relu" else name.removesuffix("_relu")
+        return ReferenceConfig(problems=(problem,), activations=("relu" if name.endswith("relu") else "tanh",),
                                ablation_problems=(), log2_n_min=4, log2_n_max=8, log2_test=12, grid=REDUCED)
     if name == "check":
         return ReferenceConfig(problems=("elliptic16",), ablation_problems=(), log2_n_min=4, log2_n_max=6,
@@ -124,7 +125,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     result = run_reference(recipe(args.recipe), cache_dir=ROOT / "runs" / "qmc" / "cache")
     name = f"qmc_reference_{args.recipe}"
-    paths = write_report(result, args.out, name, note=f"Command: `OMP_NUM_THREADS=1 nice -n 19 python "
+    paths = write_report(result, args.out, name, note=f"Command: `OMP_NUM_THREADS=1 python "
                          f"benchmarks/qmc_reference.py --recipe {args.recipe}`.")
     print(rate_table(result))
     print(f"wrote {paths['md']}, {paths['png']}, {paths['json']} in {result.seconds / 60:.1f} min")
