@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from resprune.qmc.ensemble import GridConfig, forward, init_members, reference_errors, reference_loss_weights, train_batched
-from resprune.qmc.points import LABELS, PointSetConfig, generate_points, list_point_sets
-from resprune.qmc.problems import create_problem, list_problems
-from resprune.qmc.study import _json_default, fit_rate, hardware
+from resprune.qmc.points import LABELS, PointSetConfig, generate_points
+from resprune.qmc.problems import create_problem
+from resprune.qmc.study import _json_default, check_names, fit_rate, hardware
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +95,7 @@ class ReferenceConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        for p in (*self.problems, *self.ablation_problems):
-            if p not in list_problems():
-                raise ValueError(f"unknown problem {p!r}; choose from {list_problems()}")
-        for k in self.point_sets:
-            if k not in list_point_sets():
-                raise ValueError(f"unknown point set {k!r}; choose from {list_point_sets()}")
+        check_names((*self.problems, *self.ablation_problems), self.point_sets)
         for a in (*self.activations, *self.ablation_activations):
             replace(self.grid, activation=a)  # validates the name
         if not self.problems or not self.point_sets or not self.activations:

@@ -49,6 +49,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["StudyConfig", "StudyResult", "run_study", "fit_rate", "write_report", "hardware"]
 
 
+
+def check_names(problems: tuple[str, ...], point_sets: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first unknown problem or point set (the studies' configs)."""
+    for p in problems:
+        if p not in list_problems():
+            raise ValueError(f"unknown problem {p!r}; choose from {list_problems()}")
+    for k in point_sets:
+        if k not in list_point_sets():
+            raise ValueError(f"unknown point set {k!r}; choose from {list_point_sets()}")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What to run.
@@ -88,12 +99,7 @@ class StudyConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        for p in (*self.problems, *self.ablation_problems):
-            if p not in list_problems():
-                raise ValueError(f"unknown problem {p!r}; choose from {list_problems()}")
-        for k in self.point_sets:
-            if k not in list_point_sets():
-                raise ValueError(f"unknown point set {k!r}; choose from {list_point_sets()}")
+        check_names((*self.problems, *self.ablation_problems), self.point_sets)
         for a in (*self.activations, *self.ablation_activations):
             replace(self.surrogate, activation=a)  # validates the name
         if not self.problems or not self.point_sets or not self.activations:
