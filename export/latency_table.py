@@ -538,11 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(format_table(table))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1) + "\n")
-        os.replace(tmp, out)
+        ob.write_json(args.json, table)
     return 0
 
 

@@ -95,11 +95,7 @@ class ReferenceConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        check_names((*self.problems, *self.ablation_problems), self.point_sets)
-        for a in (*self.activations, *self.ablation_activations):
-            replace(self.grid, activation=a)  # validates the name
-        if not self.problems or not self.point_sets or not self.activations:
-            raise ValueError("need at least one problem, point set and activation")
+        check_names(self, self.grid)
         if not 2 <= self.log2_n_min < self.log2_n_max <= 20:
             raise ValueError("need 2 <= log2_n_min < log2_n_max <= 20 (two sizes at least, N/2 even)")
         if not 4 <= self.log2_test <= 20 or self.n_boot < 1:
