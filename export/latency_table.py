@@ -31,15 +31,25 @@ weights fit, does not show). A model's predicted latency is::
 over its convolutions, so a table made from a ResNet-56 also predicts a pruned ResNet-56
 or a ResNet-110 (same signatures) on the same device.
 
+Every graph is timed in ``--runs`` runs and summarised by its 25th percentile (load noise
+only adds time; see ``STAT_Q``), and the tool refuses (exit status 2, no table written) a
+measurement too noisy to trust: a graph whose interquartile range exceeds ``--max-spread``
+(0.5) of its statistic, or a whole model more than ``--max-excess`` (0.5) over its per-layer
+sum (a cache penalty that large is likelier load than cache). ``--allow-noisy`` writes the
+table anyway, records the spread, and clamps the penalty to that bound. The spread of every
+graph is in the table (``spread``, ``noise``; format version 2).
+
 Before timing, the runtime's logits on the sidecar's fingerprint input (``MODEL.json``
 beside ``MODEL.onnx``) are compared with the recorded ones: in fp32 a difference over the
 sidecar's tolerance is an error (exit status 2); in reduced precision (OpenVINO bf16/fp16)
 the difference and the top-1 flips are recorded, not refused.
 
 Runtimes: ``onnxruntime`` (always; fp32), ``openvino`` where it is installed (fp32, bf16,
-fp16 via its inference precision hint). Imports: the standard library, numpy, onnx,
-onnxruntime (and openvino when asked for), and ``ort_bench.py`` next to this file; copy
-both files to the device (export/README.md).
+fp16 via its inference precision hint, or ``default``: the plugin's own choice). The table
+records the precision the runtime reports it runs (OpenVINO falls back to f32 on a CPU
+without bf16/fp16 support: a warning, and ``runtime.precision_requested`` keeps the request).
+Imports: the standard library, numpy, onnx, onnxruntime (and openvino when asked for), and
+``ort_bench.py`` next to this file; copy both files to the device (export/README.md).
 """
 
 from __future__ import annotations
@@ -62,14 +72,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ort_bench as ob  # noqa: E402  (the file next to this one)
 
 TABLE_FORMAT = "resprune-latency-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: low-quantile statistic, spread per timed graph, noise and penalty checks
 DEFAULT_CHAIN = 5
 OPSET = 17
-PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16", "fp16")}
+PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16", "fp16", "default")}
+# The statistic of every timed graph (micro-graphs and both calibration points): the 25th
+# percentile of all its runs, pooled over the interleaved blocks. Why a low quantile and not
+# the median: load noise is one-sided (a run that is preempted, or whose caches another
+# process evicted, is slower, never faster), so the fast end of the distribution is the
+# undisturbed cost; a median is moved as soon as half the runs are disturbed (the demo in
+# benchmarks/results/latency_budget_demo.md: quartiles 0.76 / 26 ms, median 10.9 ms). Why not
+# the minimum: it rests on one run, and as an extreme value it keeps falling as --runs grows,
+# so tables made with different run counts would disagree; the 25th percentile is stable in
+# the run count and still unmoved while fewer than 3 in 4 runs are disturbed.
+STAT_Q = 25
+# The noise check: a timed graph whose interquartile range exceeds this fraction of its
+# statistic is refused (--max-spread; --allow-noisy records it instead).
+MAX_SPREAD = 0.5
+# The penalty check: the whole model may take at most this fraction more than its per-layer
+# sum (fixed part + Σ conv costs) before the excess is blamed on the cache (--max-excess).
+MAX_EXCESS = 0.5
 
 
 class TableError(RuntimeError):
     """Bad input or a runtime that does not reproduce the model (printed without a traceback)."""
+
+
+class NoisyError(TableError):
+    """A measurement too noisy to make a table from (refused unless --allow-noisy)."""
 
 
 # --------------------------------------------------------------------------- signatures
@@ -183,7 +213,7 @@ def follower(g: dict) -> dict:
 
 def plan(convs: list[dict], chain: int) -> tuple[dict, dict]:
     """Micro-graphs to time (label → (geometry, n, lead)) and, per signature, how its cost
-    follows from their medians (``("chain", sig)`` or ``("lead", sig, follower sig)``)."""
+    follows from their statistics (``("chain", sig)`` or ``("lead", sig, follower sig)``)."""
     graphs, how = {}, {}
     for g in {signature(c): c for c in convs}.values():
         sig = signature(g)
@@ -318,14 +348,36 @@ class Runtime:
             else None
         if shape is None or shape[0] != batch:
             model.reshape({model.inputs[0].get_any_name(): [batch, *_static_dims(path)]})
-        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[self.precision]
-        return _OVSession(self.core.compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}))
+        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
+        if self.precision != "default":  # "default": the plugin's own choice (bf16 where the CPU has it)
+            config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[self.precision]
+        compiled = self.core.compile_model(model, "CPU", config)
+        # what the plugin runs: it falls back to f32, silently, on a CPU without bf16/fp16 support
+        self.effective = _OV_NAMES.get(str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower(),
+                                       str(compiled.get_property("INFERENCE_PRECISION_HINT")))
+        return _OVSession(compiled)
+
+    def effective_precision(self) -> str:
+        """The precision the runtime runs (known after the first session)."""
+        return getattr(self, "effective", self.precision)
+
+    def capabilities(self) -> list[str] | None:
+        if self.name != "openvino":
+            return None
+        try:
+            return [str(c) for c in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+        except Exception:  # noqa: BLE001  (an optional property of the plugin)
+            return None
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "precision": self.precision,
+        return {"name": self.name, "version": self.version, "precision": self.effective_precision(),
+                "precision_requested": self.precision, "cpu_capabilities": self.capabilities(),
                 "intra_op_threads": self.threads, "inter_op_threads": ob.INTER_OP_THREADS,
                 "opt_level": self.opt_level if self.name == "onnxruntime" else None}
+
+
+_OV_NAMES = {"<type: 'float32'>": "fp32", "f32": "fp32", "float32": "fp32", "<type: 'bfloat16'>": "bf16",
+             "bf16": "bf16", "bfloat16": "bf16", "<type: 'float16'>": "fp16", "f16": "fp16", "float16": "fp16"}
 
 
 def _static_dims(path: str) -> list[int]:
@@ -369,7 +421,7 @@ def check_fingerprint(rt: Runtime, model: Path, info: dict) -> dict:
     diff = float(np.abs(got - ref).max())
     res = {"samples": int(fp["batch"]), "max_abs_diff": diff, "tolerance": float(fp["atol"]),
            "top1_flips": int((got.argmax(1) != ref.argmax(1)).sum()), "within_tolerance": diff <= fp["atol"]}
-    if rt.precision == "fp32" and not res["within_tolerance"]:
+    if rt.effective_precision() == "fp32" and not res["within_tolerance"]:
         raise TableError(f"{model}: {rt.name} fp32 logits on the fingerprint input differ from the sidecar's by "
                          f"{diff:.3g} > tolerance {fp['atol']:.3g}; this runtime does not compute the exported model")
     return res
@@ -378,20 +430,52 @@ def check_fingerprint(rt: Runtime, model: Path, info: dict) -> dict:
 # --------------------------------------------------------------------------- timing
 
 
-def time_all(rt: Runtime, files: dict[str, str], batch: int, runs: int, warmup: int, blocks: int) -> dict:
-    """Per label, the latencies (ms) of ``runs`` runs, all files interleaved in each round,
-    in ``blocks`` blocks of fresh sessions (the order of creation rotating)."""
+def time_all(rt: Runtime, files: dict[str, str], batch: int, runs: int, warmup: int,
+             blocks: int) -> dict[str, list[list[float]]]:
+    """Per label, the latencies (ms) of ``runs`` runs as one list per block: all files
+    interleaved in each round, in ``blocks`` blocks of fresh sessions (the order of creation
+    rotating)."""
     labels = list(files)
-    times: dict[str, list[float]] = {k: [] for k in labels}
+    times: dict[str, list[list[float]]] = {k: [] for k in labels}
     for k, n in enumerate(np.diff(np.linspace(0, runs, min(blocks, runs) + 1).astype(int))):
         order = labels[k % len(labels):] + labels[:k % len(labels)]
         made = {lab: rt.session(files[lab], batch) for lab in order}
         sess = [made[lab] for lab in labels]
         feeds = [feed_for(files[lab], batch) for lab in labels]
         for lab, t in zip(labels, ob.time_interleaved(sess, feeds, int(n), warmup)):
-            times[lab] += [1e3 * v for v in t]
+            times[lab].append([1e3 * v for v in t])
         del made, sess
     return times
+
+
+def spread(blocks: list[list[float]]) -> dict:
+    """The statistic (``STAT_Q``-th percentile of all runs, pooled over the blocks) of one
+    timed graph, with what says how noisy it was: min, quartiles, median, the interquartile
+    range as a fraction of the statistic (``rel_iqr``) and the statistic of each block."""
+    runs = [v for b in blocks for v in b]
+    if not runs:
+        raise TableError("a timed graph has no runs")
+    q25, med, q75 = (float(np.percentile(runs, q)) for q in (25, 50, 75))
+    stat = float(np.percentile(runs, STAT_Q))
+    return {"stat_ms": stat, "min_ms": float(min(runs)), "q25_ms": q25, "median_ms": med, "q75_ms": q75,
+            "rel_iqr": (q75 - q25) / stat if stat > 0 else float("inf"), "runs": len(runs),
+            "block_stat_ms": [float(np.percentile(b, STAT_Q)) for b in blocks if b]}
+
+
+def noisy(spreads: dict[str, dict], max_spread: float) -> list[str]:
+    """Labels whose interquartile range exceeds ``max_spread`` × their statistic, worst first."""
+    bad = [k for k, v in spreads.items() if not v["rel_iqr"] <= max_spread]
+    return sorted(bad, key=lambda k: -spreads[k]["rel_iqr"])
+
+
+def noise_message(spreads: dict[str, dict], bad: list[str], max_spread: float) -> str:
+    worst = ", ".join(f"{k!r} (quartiles {spreads[k]['q25_ms']:.3g} / {spreads[k]['q75_ms']:.3g} ms, "
+                      f"IQR {100 * spreads[k]['rel_iqr']:.0f}% of {spreads[k]['stat_ms']:.3g} ms)" for k in bad[:3])
+    return (f"noisy measurement: {len(bad)} of {len(spreads)} timed graphs have an interquartile range wider than "
+            f"{100 * max_spread:.0f}% of their statistic (--max-spread {max_spread:g}), worst {worst}. Another process "
+            "is probably competing for the cores (check the load average); run the tool on a quieter machine, "
+            "or with more --runs and --blocks, or pass --allow-noisy to write the table anyway (the spread is "
+            "recorded in it). No table was written.")
 
 
 def weight_bytes(g: dict) -> int:
@@ -414,7 +498,8 @@ def cache_bytes(threads: int) -> int | None:
     return None
 
 
-def calibrate(micro: dict, convs: list[dict], gone: list[dict], med: dict, cache: int | None) -> dict:
+def calibrate(micro: dict, convs: list[dict], gone: list[dict], med: dict, cache: int | None,
+              max_excess: float = MAX_EXCESS, allow: bool = False) -> dict:
     """The fixed part and the cache penalty, from the model and the model without its
     shape-keeping convs (see the module docstring)::
 
@@ -423,28 +508,57 @@ def calibrate(micro: dict, convs: list[dict], gone: list[dict], med: dict, cache
     ``fixed`` comes from the stripped model (a few convs, weights far inside the cache), the
     penalty (ms per MB of weights beyond the cache: re-read each run from the next level of
     memory) from the whole model. When the whole model's weights fit the cache, or it is not
-    slower than its sum, the penalty is 0 and what is left over goes to ``fixed``."""
+    slower than its sum, the penalty is 0 and what is left over goes to ``fixed``.
+
+    The check: an excess over ``max_excess`` × the per-layer sum (``fixed + Σ micro``) is not
+    believed to be the cache (a calibration point disturbed by load is the likelier cause):
+    :class:`NoisyError`, or with ``allow`` the excess is clamped to that bound (recorded as
+    ``excess_clamped_from_ms``; the table then predicts its own model below its measurement)."""
     left = list(convs)
     for g in gone:
         left.remove(g)
     fixed = med["stripped"] - sum(micro[signature(g)] for g in left)
     w_all = sum(weight_bytes(g) for g in convs)
-    excess = med["model"] - fixed - sum(micro[signature(g)] for g in convs)
+    layer_sum = fixed + sum(micro[signature(g)] for g in convs)
+    excess = med["model"] - layer_sum
+    ratio = excess / layer_sum if layer_sum > 0 else float("inf")
+    flagged = excess > 0 and not ratio <= max_excess
+    raw = excess
+    if flagged:
+        if not allow:
+            raise NoisyError(
+                f"implausible cache penalty: the whole model ({med['model']:.3g} ms) takes {100 * ratio:.0f}% more "
+                f"than its per-layer sum ({layer_sum:.3g} ms: fixed part + micro-graphs), over the "
+                f"{100 * max_excess:.0f}% (--max-excess {max_excess:g}) a cache penalty is believed for; more likely "
+                "the whole-model measurement was disturbed by another process. Run the tool on a quieter machine or "
+                "with more --runs and --blocks, or pass --allow-noisy to clamp the penalty to that bound (recorded). "
+                "No table was written.")
+        excess = max_excess * layer_sum
     use = cache is not None and w_all > cache and excess > 0
     pen = excess / ((w_all - cache) / 2**20) if use else 0.0
-    return {"stripped_ms": med["stripped"], "removed_convs": len(gone), "cache_bytes": cache,
-            "weight_bytes": w_all, "excess_ms": excess, "penalty_ms_per_mb": pen,
+    return {"stripped_ms": med["stripped"], "model_ms": med["model"], "removed_convs": len(gone),
+            "cache_bytes": cache, "weight_bytes": w_all, "per_layer_sum_ms": layer_sum, "excess_ms": excess,
+            "excess_ratio": ratio, "max_excess": max_excess, "penalty_flagged": flagged,
+            "excess_clamped_from_ms": raw if flagged else None, "penalty_ms_per_mb": pen,
+            # the re-fetch bandwidth the penalty implies (a DRAM delivers GB/s: far less is load, not the cache)
+            "implied_refetch_mb_per_s": 1e3 / pen if pen > 0 else None,
             "fixed_ms": fixed if use else fixed + excess,
             "mode": "cache penalty" if use else "leftover in fixed (weights within the cache or no excess)"}
 
 
-def build_table(args: argparse.Namespace) -> dict:
+def build_table(args: argparse.Namespace, timer=None) -> dict:
+    """The table (see the module docstring). ``timer`` replaces :func:`time_all` (same
+    arguments and result; tests feed made-up timings through it)."""
     model = Path(args.model)
     info = load_sidecar(model)
     if info.get("dynamic_batch") is False and info["input_shape"][0] != args.batch:
         raise TableError(f"{model} has a fixed batch {info['input_shape'][0]}; --batch {args.batch} cannot run it")
     rt = Runtime(args.runtime, args.threads or ob.physical_cores(), args.precision)
     check = check_fingerprint(rt, model, info)
+    if rt.precision not in ("default", rt.effective_precision()):
+        print(f"latency_table: warning: {rt.name} was asked for {rt.precision} but runs {rt.effective_precision()} on "
+              f"this CPU (capabilities {rt.capabilities()}); the table records {rt.effective_precision()}",
+              file=sys.stderr)
     convs = model_convs(onnx.load(str(model)))
     if not convs:
         raise TableError(f"{model}: no Conv nodes; nothing to tabulate")
@@ -457,34 +571,47 @@ def build_table(args: argparse.Namespace) -> dict:
         for i, (label, (g, n, lead)) in enumerate(graphs.items()):
             files[label] = os.path.join(tmp, f"g{i}.onnx")
             onnx.save(chain_graph(g, args.batch, n, lead), files[label])
-        times = time_all(rt, files, args.batch, args.runs, args.warmup, args.blocks)
-    med = {k: ob.percentile(v, 50) for k, v in times.items()}
+        times = (timer or time_all)(rt, files, args.batch, args.runs, args.warmup, args.blocks)
+    wall = round(time.perf_counter() - t0, 2)
+    spreads = {k: spread(v) for k, v in times.items()}
+    bad = noisy(spreads, args.max_spread)
+    if bad and not args.allow_noisy:
+        raise NoisyError(noise_message(spreads, bad, args.max_spread))
+    stat = {k: v["stat_ms"] for k, v in spreads.items()}
     # a slope under timing noise can dip below 0: clamp here, so the table reads back (resprune.latency
     # clamps too) exactly as it was calibrated
-    cost = {s: max(0.0, v) for s, v in costs(how, med, args.chain).items()}
-    calib = calibrate(cost, convs, gone, med, cache_bytes(rt.threads))
+    cost = {s: max(0.0, v) for s, v in costs(how, stat, args.chain).items()}
+    calib = calibrate(cost, convs, gone, stat, cache_bytes(rt.threads), args.max_excess, args.allow_noisy)
     count = Counter(signature(c) for c in convs)
     geo = {signature(c): c for c in convs}
-    whole = ob.stats(args.batch, [v / 1e3 for v in times["model"]])
+    whole = spreads["model"]
     return {
         "format": TABLE_FORMAT, "format_version": TABLE_VERSION, "tool": "latency_table",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": ob.device_info(), "runtime": rt.describe(), "precision": rt.precision,
+        "device": ob.device_info(), "runtime": rt.describe(), "precision": rt.effective_precision(),
         "threads": rt.threads, "batch": args.batch,
         "method": (f"micro-graphs: chains of 1 and {args.chain} copies of each fused conv (slope); a conv that "
                    f"changes the shape leads a chain of {args.chain - 1} shape-keeping convs; fixed part from the "
                    "model without its shape-keeping convs, cache penalty from the whole model"),
+        "statistic": {"name": f"q{STAT_Q}", "description": f"{STAT_Q}th percentile of all runs of a graph, pooled "
+                      "over the interleaved blocks (load noise only adds time)"},
         "settings": {"chain": args.chain, "runs": args.runs, "warmup": args.warmup, "blocks": args.blocks,
-                     "timing_wall_s": round(time.perf_counter() - t0, 2)},
+                     "timing_wall_s": wall},
+        "noise": {"max_spread": args.max_spread, "max_excess": args.max_excess, "allowed": bool(args.allow_noisy),
+                  "noisy_graphs": bad, "penalty_flagged": calib["penalty_flagged"],
+                  "worst_rel_iqr": max(v["rel_iqr"] for v in spreads.values()),
+                  "clean": not bad and not calib["penalty_flagged"]},
         "model": {"file": model.name, "sha256": info.get("onnx_sha256"), "input_shape": info["input_shape"],
-                  "macs_per_sample": info.get("macs_per_sample"), "latency_ms": whole["median_ms"],
-                  "q25_ms": whole["q25_ms"], "q75_ms": whole["q75_ms"], "convs": dict(count)},
+                  "macs_per_sample": info.get("macs_per_sample"), "latency_ms": whole["stat_ms"],
+                  "median_ms": whole["median_ms"], "min_ms": whole["min_ms"], "q25_ms": whole["q25_ms"],
+                  "q75_ms": whole["q75_ms"], "convs": dict(count)},
         "fixed_ms": calib["fixed_ms"], "cache_bytes": calib["cache_bytes"],
         "penalty_ms_per_mb": calib["penalty_ms_per_mb"],
         "layers": {s: {"ms": cost[s], "weight_bytes": weight_bytes(geo[s]), "count": count[s], "geometry": geo[s],
                        "method": how[s][0]} for s in cost},
         "calibration": calib,
-        "micro_graphs_ms": {k: v for k, v in med.items() if k not in ("model", "stripped")},
+        "micro_graphs_ms": {k: v for k, v in stat.items() if k not in ("model", "stripped")},
+        "spread": spreads,
         "check": check,
     }
 
@@ -498,7 +625,15 @@ def format_table(t: dict) -> str:
     c = t["calibration"]
     if t["penalty_ms_per_mb"]:
         lines.append(f"{'cache penalty (weights beyond the L2 cache)':<46} {'':>5} {'':>9} {c['excess_ms']:>9.3f}")
-    lines.append(f"{'whole model, measured':<46} {'':>5} {'':>9} {t['model']['latency_ms']:>9.3f}")
+    lines.append(f"{'whole model, measured (' + t['statistic']['name'] + ')':<46} {'':>5} {'':>9} "
+                 f"{t['model']['latency_ms']:>9.3f}")
+    if c["penalty_flagged"]:
+        lines.append(f"  (excess over the per-layer sum clamped from {c['excess_clamped_from_ms']:.3f} ms: --allow-noisy)")
+    nz = t["noise"]
+    lines.append(f"spread: worst interquartile range {100 * nz['worst_rel_iqr']:.0f}% of its statistic "
+                 f"(limit {100 * nz['max_spread']:.0f}%); "
+                 + ("clean" if nz["clean"] else f"NOISY, kept by --allow-noisy: {len(nz['noisy_graphs'])} graph(s) "
+                    f"over the limit{', penalty clamped' if nz['penalty_flagged'] else ''}"))
     c = t["check"]
     lines += ["", f"device: {t['device']['cpu_model']}; {r['name']} {r['version']} {t['precision']}, "
               f"{t['threads']} thread(s), batch {t['batch']}; {t['method']}",
@@ -520,18 +655,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=30, help="timed runs of every graph (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before each block (default 5)")
     p.add_argument("--blocks", type=int, default=ob.BLOCKS, help="blocks of fresh sessions (default 5)")
+    p.add_argument("--max-spread", type=float, default=MAX_SPREAD,
+                   help=f"refuse a timed graph whose interquartile range exceeds this fraction of its statistic "
+                        f"(default {MAX_SPREAD})")
+    p.add_argument("--max-excess", type=float, default=MAX_EXCESS,
+                   help=f"refuse a whole model that takes more than this fraction over its per-layer sum "
+                        f"(default {MAX_EXCESS}: beyond it the excess is not believed to be the cache)")
+    p.add_argument("--allow-noisy", action="store_true",
+                   help="write the table despite either check (the spread is recorded, the penalty clamped)")
     p.add_argument("--json", help="write the table here (written under a temporary name, then renamed)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.batch < 1 or args.chain < 2 or args.runs < 1 or args.blocks < 1 or args.warmup < 0 or args.threads < 0:
         p.error("--batch, --runs, --blocks must be >= 1, --chain >= 2, --warmup and --threads >= 0")
+    if not (args.max_spread > 0 and args.max_excess >= 0):
+        p.error("--max-spread must be > 0 and --max-excess >= 0")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, timer=None) -> int:
     args = parse_args(argv)
     try:
-        table = build_table(args)
+        table = build_table(args, timer)
     except TableError as exc:
         print(f"latency_table: error: {exc}", file=sys.stderr)
         return 2

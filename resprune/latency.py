@@ -33,7 +33,10 @@ from .layers import ConvBN2d, ResConv2d
 __all__ = ["LatencyTable", "LatencyTableError", "conv_signature", "layer_signatures", "TABLE_FORMAT"]
 
 TABLE_FORMAT = "resprune-latency-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+# 1: calibrated from medians; 2: from the 25th percentile, with the spread of every timed graph
+# and the noise checks (``noise``); both read the same way
+READABLE_VERSIONS = (1, 2)
 _KEYS = ("device", "runtime", "precision", "threads", "batch", "fixed_ms", "layers", "model")
 
 
@@ -100,10 +103,15 @@ class LatencyTable:
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             raise LatencyTableError(f"{source}: not a latency table (format {TABLE_FORMAT!r}); make one with "
                                     "export/latency_table.py MODEL.onnx --json TABLE.json")
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise LatencyTableError(
+                f"{source}: table format_version {version!r}; this resprune reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (a newer table needs a newer resprune; remake it with "
+                "this checkout's export/latency_table.py)")
         missing = [k for k in _KEYS if k not in data]
-        if missing or data.get("format_version", 0) > TABLE_VERSION:
-            raise LatencyTableError(f"{source}: table format_version {data.get('format_version')} "
-                                    f"(this resprune reads <= {TABLE_VERSION}), missing {missing}")
+        if missing:
+            raise LatencyTableError(f"{source}: latency table (format_version {version}) lacks {missing}")
         bad = [s for s, e in data["layers"].items() if not math.isfinite(float(e.get("ms", math.nan)))]
         if bad or not math.isfinite(float(data["fixed_ms"])):
             raise LatencyTableError(f"{source}: non-finite costs for {bad or ['fixed_ms']}")
@@ -131,9 +139,14 @@ class LatencyTable:
     def describe(self) -> dict:
         """Where the table was measured: what reports and prune.json name."""
         d, r = self.data["device"], self.data["runtime"]
+        noise = self.data.get("noise") or {}
         return {"table": self.source, "device": d.get("cpu_model"), "runtime": r.get("name"),
                 "runtime_version": r.get("version"), "precision": self.data["precision"],
-                "threads": self.data["threads"], "batch": self.data["batch"]}
+                "threads": self.data["threads"], "batch": self.data["batch"],
+                "format_version": self.data["format_version"],
+                "statistic": (self.data.get("statistic") or {}).get("name", "median"),
+                # False: made with --allow-noisy past a noise or penalty check; None: a v1 table (unchecked)
+                "clean": noise.get("clean")}
 
     def layer_ms(self, sigs: dict[str, str]) -> dict[str, float]:
         """Cost (ms) of each named layer, from its signature; an error lists the unknown ones."""

@@ -41,16 +41,24 @@ def r20(tmp_path_factory):
     rp.export_onnx(model, d / "r20.onnx", SIZE)
     env = blocked_env(tmp_path_factory.mktemp("shim"))
     out = d / "table.json"
+    # --allow-noisy, --max-excess: the checks are tested on made-up timings below; this machine may be loaded
     p = subprocess.run([sys.executable, str(TOOL), d / "r20.onnx", "--batch", "2", "--threads", "1", "--runs", "4",
-                        "--blocks", "2", "--warmup", "1", "--json", out], env=env, capture_output=True, text=True,
-                       timeout=300)
+                        "--blocks", "2", "--warmup", "1", "--allow-noisy", "--max-excess", "1e6", "--json", out],
+                       env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     return model, d, json.loads(out.read_text()), p.stdout
 
 
 def test_tool_runs_without_torch_and_writes_the_table(r20):
     model, d, t, stdout = r20
-    assert t["format"] == "resprune-latency-table" and t["format_version"] == 1
+    assert t["format"] == "resprune-latency-table" and t["format_version"] == 2
+    # v2: the 25th percentile of every timed graph, with its spread
+    assert t["statistic"]["name"] == "q25" and set(t["spread"]) == {"model", "stripped", *t["micro_graphs_ms"]}
+    for v in t["spread"].values():
+        assert v["runs"] == 4 and len(v["block_stat_ms"]) == 2 and v["min_ms"] <= v["stat_ms"] <= v["q75_ms"]
+    assert t["model"]["latency_ms"] == t["spread"]["model"]["stat_ms"] == t["calibration"]["model_ms"]
+    assert t["noise"]["allowed"] and not t["noise"]["penalty_flagged"]
+    assert t["noise"]["clean"] == (not t["noise"]["noisy_graphs"])
     assert t["batch"] == 2 and t["threads"] == 1 and t["precision"] == "fp32"
     assert t["runtime"]["name"] == "onnxruntime" and t["runtime"]["version"] == ort.__version__
     assert t["runtime"]["intra_op_threads"] == 1 and t["device"]["cpu_model"]
@@ -67,7 +75,7 @@ def test_tool_runs_without_torch_and_writes_the_table(r20):
     total = t["fixed_ms"] + sum(e["ms"] * e["count"] for e in t["layers"].values()) + penalty
     assert total == pytest.approx(t["model"]["latency_ms"], rel=1e-9)
     assert (t["penalty_ms_per_mb"] > 0) == (c["mode"] == "cache penalty")
-    assert "fingerprint check" in stdout and "whole model, measured" in stdout
+    assert "fingerprint check" in stdout and "whole model, measured (q25)" in stdout and "spread: worst" in stdout
     # the table predicts the model it was made from exactly (its own calibration point)
     assert LatencyTable.load(d / "table.json").predict(model) == pytest.approx(t["model"]["latency_ms"], rel=1e-9)
 
@@ -87,17 +95,44 @@ def test_tool_refuses_a_runtime_that_disagrees_with_the_fingerprint(r20, tmp_pat
 
 
 def test_tool_names_a_missing_optional_runtime(r20):
+    _, d, _, _ = r20
+    p = subprocess.run([sys.executable, str(TOOL), d / "r20.onnx", "--precision", "bf16"], capture_output=True, text=True)
+    assert p.returncode == 2 and "onnxruntime runs precision fp32" in p.stderr
     try:
         import openvino  # noqa: F401
         pytest.skip("openvino is installed here")
     except ImportError:
         pass
-    _, d, _, _ = r20
     p = subprocess.run([sys.executable, str(TOOL), d / "r20.onnx", "--runtime", "openvino"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "pip install openvino" in p.stderr
-    p = subprocess.run([sys.executable, str(TOOL), d / "r20.onnx", "--precision", "bf16"], capture_output=True, text=True)
-    assert p.returncode == 2 and "onnxruntime runs precision fp32" in p.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp32", "default"])
+def test_openvino_runtime_checks_the_fingerprint_and_names_its_precision(r20, tmp_path, precision):
+    """Only where the optional extra is installed: OpenVINO reads the exported ONNX unchanged,
+    its logits are checked against the sidecar (fp32 within the tolerance; in its default
+    precision the difference and the flips are recorded), and the table names the precision
+    OpenVINO reports it ran (bf16 only on a CPU that has it)."""
+    ov = pytest.importorskip("openvino")
+    _, d, _, _ = r20
+    out, shim = tmp_path / "ov.json", tmp_path / "shim"
+    shim.mkdir()
+    p = subprocess.run([sys.executable, str(TOOL), d / "r20.onnx", "--runtime", "openvino", "--precision", precision,
+                        "--threads", "1", "--runs", "2", "--blocks", "1", "--warmup", "0", "--allow-noisy",
+                        "--max-excess", "1e6", "--json", out],
+                       env=blocked_env(shim),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    t = json.loads(out.read_text())
+    r, c = t["runtime"], t["check"]
+    assert r["name"] == "openvino" and r["version"] == ov.get_version() and r["precision_requested"] == precision
+    assert t["precision"] == r["precision"] in ("fp32", "bf16", "fp16")
+    assert c["samples"] == 2 and c["top1_flips"] in (0, 1, 2) and c["max_abs_diff"] >= 0
+    if t["precision"] == "fp32":
+        assert c["within_tolerance"]
+    assert f"openvino {r['version']} {t['precision']}" in p.stdout and "top-1 flips" in p.stdout
+    assert LatencyTable.load(out).describe()["precision"] == t["precision"]
 
 
 def test_micro_graphs_and_stripped_model_are_valid(r20):
@@ -127,6 +162,115 @@ def test_costs_follow_from_the_medians():
     how = {"A": ("chain", "A"), "X": ("lead", "X", "A")}
     med = {"A ×1": 1.0, "A ×5": 3.0, "X + A ×4": 4.0}
     assert lt.costs(how, med, 5) == {"A": 0.5, "X": 4.0 - 3.0 + 0.5}
+
+
+# ----------------------------------------------------------------- robust calibration (no timing)
+
+CLEAN_MS = 1.32  # made-up timings below: every conv 0.05 ms, fixed 0.15 ms → per-layer sum 1.10 ms
+
+
+def _fake_timer(model_ms):
+    """A stand-in for ``time_all``: ``×1`` chains 0.10 ms, long chains and lead graphs 0.30 ms
+    (every conv costs 0.05 ms), the stripped model 0.20 ms (stem 0.05 + fixed 0.15), the whole
+    model ``model_ms(run)`` (exact); 2 blocks of 8 runs, the rest with ±1% deterministic jitter."""
+    def timer(rt, files, batch, runs, warmup, blocks):
+        jit = [1 + 0.01 * np.sin(k) for k in range(8)]
+        base = {k: (0.10 if k.endswith("×1") else 0.20 if k == "stripped" else 0.30) for k in files}
+        out = {k: [[base[k] * j for j in jit] for _ in range(2)] for k in files}
+        out["model"] = [[model_ms(8 * b + k) for k in range(8)] for b in range(2)]
+        return out
+    return timer
+
+
+def _bimodal(run: int) -> float:
+    return CLEAN_MS if run % 2 else CLEAN_MS + 25.0  # preempted in every other run (the demo)
+
+
+def _run_tool(r20, tmp_path, timer, *extra):
+    _, d, _, _ = r20
+    out = tmp_path / "t.json"
+    argv = [str(d / "r20.onnx"), "--threads", "1", "--batch", "2", "--quiet", "--json", str(out), *extra]
+    return lt.main(argv, timer=timer), out
+
+
+def test_spread_uses_a_low_quantile_and_flags_a_bimodal_sample():
+    clean = lt.spread([[1.0, 1.01, 0.99, 1.02], [1.0, 0.98, 1.01, 1.0]])
+    bimodal = lt.spread([[0.76, 26.0, 0.77, 25.5], [0.75, 26.5, 0.76, 26.0]])
+    assert clean["rel_iqr"] < 0.05 and clean["runs"] == 8 and len(clean["block_stat_ms"]) == 2
+    assert bimodal["stat_ms"] == pytest.approx(0.76, abs=0.01)  # the undisturbed mode, not the median
+    assert bimodal["median_ms"] > 10 and bimodal["rel_iqr"] > 30
+    assert lt.noisy({"a": clean, "model": bimodal}, 0.5) == ["model"]
+    assert lt.noisy({"a": clean, "model": bimodal}, 100) == []
+    msg = lt.noise_message({"model": bimodal}, ["model"], 0.5)
+    assert "noisy measurement" in msg and "'model'" in msg and "quieter machine" in msg and "--allow-noisy" in msg
+
+
+def test_calibration_refuses_or_clamps_an_implausible_penalty():
+    """The demo's failure: a whole-model time 13× its per-layer sum would be a 'cache penalty'."""
+    g = {"cin": 16, "cout": 16, "kh": 3, "kw": 3, "stride": 1, "pad": 1, "groups": 1, "h": 32, "w": 32,
+         "post": "+Relu"}  # 9.3 KB of weights: 200 of them exceed a 1 MB cache
+    convs, micro = [dict(g) for _ in range(200)], {lt.signature(g): 0.005}  # per-layer sum 0.1 + 1.0 ms
+    gone = list(convs)  # the stripped model keeps none of them: fixed = 0.1 ms
+    ok = lt.calibrate(micro, convs, gone, {"model": 1.3, "stripped": 0.1}, 2**20)
+    assert ok["mode"] == "cache penalty" and not ok["penalty_flagged"] and ok["excess_ms"] == pytest.approx(0.2)
+    assert ok["per_layer_sum_ms"] == pytest.approx(1.1) and ok["excess_ratio"] == pytest.approx(0.2 / 1.1)
+    with pytest.raises(lt.NoisyError, match=r"implausible cache penalty.*1\.1 ms.*--allow-noisy"):
+        lt.calibrate(micro, convs, gone, {"model": 14.0, "stripped": 0.1}, 2**20)
+    clamped = lt.calibrate(micro, convs, gone, {"model": 14.0, "stripped": 0.1}, 2**20, max_excess=0.5, allow=True)
+    assert clamped["penalty_flagged"] and clamped["excess_clamped_from_ms"] == pytest.approx(12.9)
+    assert clamped["excess_ms"] == pytest.approx(0.55) and clamped["penalty_ms_per_mb"] == pytest.approx(
+        0.55 / ((200 * lt.weight_bytes(g) - 2**20) / 2**20))
+
+
+def test_tool_refuses_a_noisy_measurement_and_writes_nothing(r20, tmp_path, capsys):
+    rc, out = _run_tool(r20, tmp_path, _fake_timer(_bimodal))
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "noisy measurement: 1 of" in err and "'model'" in err and "quieter machine" in err and "--allow-noisy" in err
+    # a tight but implausibly slow whole model: the penalty check
+    rc, out = _run_tool(r20, tmp_path, _fake_timer(lambda run: 3 * 1.10))
+    assert rc == 2 and not out.exists() and "implausible cache penalty" in capsys.readouterr().err
+
+
+def test_bimodal_sample_does_not_inflate_the_penalty(r20, tmp_path, monkeypatch):
+    """Preempted in half its runs, the whole model gives the same table as undisturbed (the
+    25th percentile falls in the fast mode); --allow-noisy keeps it and records the spread."""
+    monkeypatch.setattr(lt, "cache_bytes", lambda threads: 512 * 2**10)
+    rc, out = _run_tool(r20, tmp_path, _fake_timer(lambda run: CLEAN_MS))
+    assert rc == 0
+    clean = json.loads(out.read_text())
+    assert clean["noise"]["clean"] and clean["noise"]["noisy_graphs"] == []
+    assert clean["calibration"]["per_layer_sum_ms"] == pytest.approx(1.10, rel=0.03)
+    assert clean["penalty_ms_per_mb"] > 0 and clean["calibration"]["excess_ratio"] < 0.5
+    rc, out = _run_tool(r20, tmp_path, _fake_timer(_bimodal), "--allow-noisy")
+    assert rc == 0
+    noisy = json.loads(out.read_text())
+    assert noisy["penalty_ms_per_mb"] == pytest.approx(clean["penalty_ms_per_mb"], rel=1e-9)
+    assert noisy["fixed_ms"] == pytest.approx(clean["fixed_ms"])
+    assert noisy["noise"]["noisy_graphs"] == ["model"] and not noisy["noise"]["clean"] and noisy["noise"]["allowed"]
+    s = noisy["spread"]["model"]
+    assert s["median_ms"] > 10 and s["q75_ms"] > 26 and s["rel_iqr"] > 10  # the spread is in the table
+    assert LatencyTable.load(out).describe()["clean"] is False
+    assert LatencyTable.load(out).describe()["statistic"] == "q25"
+    # the median (format 1) would have taken the preempted runs for a cache penalty 10× the clean one
+    assert (s["median_ms"] - clean["calibration"]["per_layer_sum_ms"]) > 10 * clean["calibration"]["excess_ms"]
+
+
+def test_table_versions(tmp_path):
+    """Format 1 (medians, no spread) and 2 read alike; another version is a clear error."""
+    m = _scaled_r20()
+    p = _table(m, tmp_path)
+    assert LatencyTable.load(p).describe()["format_version"] == 1
+    assert LatencyTable.load(p).describe()["statistic"] == "median" and LatencyTable.load(p).describe()["clean"] is None
+    data = json.loads(p.read_text())
+    for v, ok in ((2, True), (3, False), (None, False)):
+        data["format_version"] = v
+        p.write_text(json.dumps(data))
+        if ok:
+            assert LatencyTable.load(p).predict(m) == pytest.approx(20.0)
+        else:
+            with pytest.raises(LatencyTableError, match=f"format_version {v!r}; this resprune reads versions 1, 2"):
+                LatencyTable.load(p)
 
 
 def _table(model, tmp_path, ms_per_sig=None, fixed=1.0) -> Path:
