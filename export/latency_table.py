@@ -628,7 +628,8 @@ def format_table(t: dict) -> str:
     lines.append(f"{'whole model, measured (' + t['statistic']['name'] + ')':<46} {'':>5} {'':>9} "
                  f"{t['model']['latency_ms']:>9.3f}")
     if c["penalty_flagged"]:
-        lines.append(f"  (excess over the per-layer sum clamped from {c['excess_clamped_from_ms']:.3f} ms: --allow-noisy)")
+        lines.append(f"  (excess over the per-layer sum clamped from {c['excess_clamped_from_ms']:.3f} ms: "
+                     "--allow-noisy)")
     nz = t["noise"]
     lines.append(f"spread: worst interquartile range {100 * nz['worst_rel_iqr']:.0f}% of its statistic "
                  f"(limit {100 * nz['max_spread']:.0f}%); "

@@ -186,10 +186,11 @@ def _bimodal(run: int) -> float:
     return CLEAN_MS if run % 2 else CLEAN_MS + 25.0  # preempted in every other run (the demo)
 
 
-def _run_tool(r20, tmp_path, timer, *extra):
+def _run_tool(r20, tmp_path, timer, *extra, quiet=True):
     _, d, _, _ = r20
     out = tmp_path / "t.json"
-    argv = [str(d / "r20.onnx"), "--threads", "1", "--batch", "2", "--quiet", "--json", str(out), *extra]
+    argv = [str(d / "r20.onnx"), "--threads", "1", "--batch", "2", *(["--quiet"] if quiet else []), "--json", str(out),
+            *extra]
     return lt.main(argv, timer=timer), out
 
 
@@ -230,6 +231,13 @@ def test_tool_refuses_a_noisy_measurement_and_writes_nothing(r20, tmp_path, caps
     # a tight but implausibly slow whole model: the penalty check
     rc, out = _run_tool(r20, tmp_path, _fake_timer(lambda run: 3 * 1.10))
     assert rc == 2 and not out.exists() and "implausible cache penalty" in capsys.readouterr().err
+    # --allow-noisy: written, the excess clamped to --max-excess × the per-layer sum, and said so
+    rc, out = _run_tool(r20, tmp_path, _fake_timer(lambda run: 3 * 1.10), "--allow-noisy", quiet=False)
+    t, printed = json.loads(out.read_text()), capsys.readouterr().out
+    c = t["calibration"]
+    assert rc == 0 and c["penalty_flagged"] and t["noise"]["penalty_flagged"] and not t["noise"]["clean"]
+    assert c["excess_ms"] == pytest.approx(0.5 * c["per_layer_sum_ms"]) and c["excess_clamped_from_ms"] > 2
+    assert "clamped from" in printed and "penalty clamped" in printed
 
 
 def test_bimodal_sample_does_not_inflate_the_penalty(r20, tmp_path, monkeypatch):
