@@ -10,8 +10,8 @@ with the first table (``target_latency_ms`` = each ``--targets`` fraction of the
 unpruned latency, rank ``scale_per_ms``), fused and exported once, then, per (batch,
 threads), predicted with that configuration's table and timed with ``export/ort_bench.py``
 (interleaved with the unpruned model). Reported: the relative error of the predicted
-latency against the measured median, with the table's full model (fixed part from the model
-without its shape-keeping convs, cache penalty from the whole model, see latency_table.py)
+latency against the measured 25th percentile (the tables' statistic), with the table's
+full model (fixed part from the model without its shape-keeping convs, cache penalty from the whole model, see latency_table.py)
 and with the per-layer sums alone (no cache penalty), and the error of the predicted ratio
 pruned/unpruned against the measured ratio (one session, interleaved).
 
@@ -58,12 +58,13 @@ def make_table(onnx_path: Path, batch: int, threads: int, runs: int, blocks: int
 
 
 def measure(paths: list[Path], batch: int, threads: int, runs: int, blocks: int, out: Path) -> list[float]:
-    """Median ms of each model, timed interleaved in one ort_bench process."""
+    """25th percentile (ms) of each model, timed interleaved in one ort_bench process: the
+    statistic latency tables predict (export/latency_table.py: load only adds time)."""
     subprocess.run([sys.executable, str(BENCH), *map(str, paths), "--batch", str(batch), "--threads", str(threads),
                     "--runs", str(runs), "--blocks", str(blocks), "--warmup", "3", "--no-memory", "--quiet",
                     "--json", str(out)], check=True)
     rows = json.loads(out.read_text())["results"]
-    return [r["median_ms"] for r in rows]
+    return [r["q25_ms"] for r in rows]
 
 
 def uncalibrated(table: dict, model, size=SIZE) -> float:
@@ -194,7 +195,7 @@ def markdown(res: dict) -> str:
              f"{dev['onnxruntime']}, torch {torch.__version__}, Python {sys.version.split()[0]}. Command: "
              f"`{res['command']}`.", "",
              "## Prediction accuracy (fresh ResConv models, random layer scales; pruned with rank scale_per_ms)", "",
-             "| model | batch | threads | target | removed | MACs | predicted ms | measured ms | error | "
+             "| model | batch | threads | target | removed | MACs | predicted ms | measured ms (q25) | error | "
              "per-layer sum error | ratio error | cache penalty ms/MB |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['batch']} | {r['threads']} | {r['target_fraction']:g} | {r['removed']} | "
@@ -216,7 +217,7 @@ def markdown(res: dict) -> str:
                   f"Run `{p2['run_dir']}`, unpruned (sparse) accuracy {p2['acc_unpruned']:.2f}%, no fine-tuning; "
                   f"batch {p2['batch']}, {p2['threads']} thread(s). Per accuracy budget the cheapest candidate "
                   "of each removal order (scale_per_mac: what a MACs budget prefers; scale_per_ms: latency).", "",
-                  "| accuracy drop <= | order | removed | MACs (M) | accuracy | predicted ms | measured ms | "
+                  "| accuracy drop <= | order | removed | MACs (M) | accuracy | predicted ms | measured ms (q25) | "
                   "unpruned measured ms |", "|" + "---|" * 8]
         for row in p2["picks"]:
             for rank in ("scale_per_mac", "scale_per_ms"):
