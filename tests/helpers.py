@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -41,6 +43,29 @@ def count_convs_run(model: nn.Module, x: torch.Tensor) -> int:
     for h in hooks:
         h.remove()
     return n[0]
+
+
+def run_threads(P, fn):
+    """Run ``fn(rank, comm)`` on P simulated ranks (a ``ThreadGroup``); re-raise the first failure."""
+    from resprune.parallel.comm import ThreadGroup
+
+    g, out, errs = ThreadGroup(P), [None] * P, []
+
+    def work(r):
+        try:
+            torch.set_num_threads(1)
+            out[r] = fn(r, g.comm(r))
+        except BaseException as e:  # pragma: no cover - reported below
+            errs.append(e)
+
+    th = [threading.Thread(target=work, args=(r,)) for r in range(P)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join(timeout=120)
+    if errs:
+        raise errs[0]
+    return out
 
 
 class RankChecks:
