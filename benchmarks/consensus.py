@@ -18,11 +18,24 @@ Run (writes benchmarks/results/consensus.{md,json,png})::
 
     nice -n 19 python benchmarks/consensus.py
     nice -n 19 python benchmarks/consensus.py --quick     # a smoke run, minutes
+
+On a loaded machine, one process per graph side by side, then one report::
+
+    for g in ring torus erdos_renyi exponential; do
+        nice -n 19 python benchmarks/consensus.py --graphs $g --out runs/cons/$g.md &
+    done; wait
+    python benchmarks/consensus.py --merge runs/cons/{ring,torus,erdos_renyi,exponential}.json
+
+The step 0.3 is the largest of 0.5/0.3/0.2/0.1 at which centralised full-batch descent
+decreases smoothly on this subset (0.5 oscillates: U = 3.2 after 5 steps, 0.22 at step 180
+after 0.11 at 160).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import sys
 import time
@@ -53,12 +66,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32, help="MLP hidden width (784-hidden-10, ReLU)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.5, help="step of every method (NEXT: α0 = 1, τ = 1/lr)")
+    p.add_argument("--lr", type=float, default=0.3, help="step of every method (NEXT: α0 = 1, τ = 1/lr)")
     p.add_argument("--graph-p", type=float, default=0.3, help="Erdős–Rényi edge probability")
     p.add_argument("--graphs", nargs="+", default=list(GRAPHS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=os.environ.get("RESPRUNE_DATA", "/root/data/MNIST"))
     p.add_argument("--quick", action="store_true", help="a smoke run: 1000 images, 30 iterations, ring only")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="no training: one report from the JSON of runs over parts of the graphs (same settings), "
+                        "e.g. one process per graph run side by side on a loaded machine")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "consensus.md")
     a = p.parse_args(argv)
     if a.quick:
@@ -95,18 +111,21 @@ def run(a, data, method: str, graph: str, split: str) -> list[dict]:
     group = ThreadGroup(n)
     x, y = data[0], data[1]
     opts = {"method": "next" if method == "central" else method, "graph": graph, "graph_p": a.graph_p,
-            "graph_seed": a.seed, "split": split, "alpha0": 1.0}
+            "graph_seed": a.seed, "split": split, "alpha0": 1.0, "social_loss": False}
+
+    init = mlp(a)  # built once, here: torch's global RNG is shared by the agent threads
 
     def agent(rank: int) -> list[dict]:
         keep = torch.from_numpy(shard_indices(y.numpy(), rank, n, split, a.seed))
-        eng = create_engine("consensus", mlp(a), F.cross_entropy, lambda p: torch.optim.SGD(p, lr=a.lr), opts,
-                            comm=group.comm(rank))
+        eng = create_engine("consensus", copy.deepcopy(init), F.cross_entropy,
+                            lambda p: torch.optim.SGD(p, lr=a.lr), opts, comm=group.comm(rank))
         curve = []
         for it in range(a.iters + 1):
             if it % a.eval_every == 0 or it == a.iters:
                 ce = eng.consensus_error()
                 sent = eng.comm.all_reduce_sum([float(eng.sent_bytes_total)])[0]
-                loss, acc = measure(eng.averaged_model().eval(), data) if rank == 0 else (0.0, 0.0)
+                avg = eng.averaged_model().eval()  # collective: every agent takes part
+                loss, acc = measure(avg, data) if rank == 0 else (0.0, 0.0)
                 curve.append({"iter": it, "social_loss": loss, "test_acc": acc, "consensus_error": ce,
                               "bytes": sent})
             if it < a.iters:
@@ -159,33 +178,66 @@ def plot(results: dict, a, path: Path) -> None:
     _save(fig, path)
 
 
-def main(argv=None) -> int:
-    a = parse(argv)
-    torch.set_num_threads(1)
-    lines, facts = header(f"Training over {a.agents} agents: NEXT vs D-PSGD vs centralised (MNIST MLP)",
-                          f"one run per setting, seed {a.seed}, agents simulated as threads of one process")
-    t0 = time.perf_counter()
-    data = mnist(a)
-    results: dict = {"central": {"-": run(a, data, "central", "complete", "iid")}}
-    for method in ("next", "dpsgd"):
-        results[method] = {}
-        for graph in a.graphs:
-            for split in SPLITS:
-                t1 = time.perf_counter()
-                results[method][f"{graph}/{split}"] = run(a, data, method, graph, split)
-                last = results[method][f"{graph}/{split}"][-1]
-                print(f"{method} {graph} {split}: U={last['social_loss']:.4f} acc={last['test_acc']:.2f} "
-                      f"ce={last['consensus_error']:.1e} ({time.perf_counter() - t1:.0f} s)", flush=True)
-    facts.update(loadavg_end=list(os.getloadavg()), wall_s=time.perf_counter() - t0)
+def merge(paths: list[Path]) -> tuple[dict, dict, dict]:
+    """Facts, args and results of several reports of this script (one per part of the graphs)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    facts = dict(parts[0]["facts"])
+    facts.update(command=" ; ".join(p["facts"]["command"] for p in parts),
+                 loadavg_end=parts[-1]["facts"]["loadavg_end"], wall_s=max(p["facts"]["wall_s"] for p in parts),
+                 runs=parts[0]["facts"]["runs"] + f"; {len(parts)} processes side by side (one per part of the "
+                 "graphs), merged with --merge; wall time: the longest")
+    args = dict(parts[0]["args"])
+    results = {"central": parts[0]["results"]["central"], "next": {}, "dpsgd": {}}
+    for p in parts:
+        for m in ("next", "dpsgd"):
+            results[m].update(p["results"][m])
+    args["graphs"] = [g for g in GRAPHS if f"{g}/iid" in results["next"]]
+    return facts, args, results
+
+
+def report(a, facts: dict, results: dict) -> str:
+    """Write ``a.out`` (markdown), its JSON and its plot; return the markdown."""
     setup = (f"- Setup: MNIST, {a.train} training images split over {a.agents} agents ({a.train // a.agents} each), "
              f"{a.test} test images; MLP 784-{a.hidden}-10 (ReLU); full-batch steps, {a.iters} iterations, step "
              f"{a.lr} for every method (NEXT: α0 = 1, μ = 0, τ = {1 / a.lr:g}, linearised surrogate); "
              f"Erdős–Rényi p = {a.graph_p}; gap = final U(x̄) / centralised − 1.")
     md = "\n".join(header_lines(facts) + [setup, ""] + table(results, a))
     write_report(a.out, md, {"facts": facts, "args": {k: str(v) if isinstance(v, Path) else v
-                                                       for k, v in vars(a).items()}, "results": results})
+                                                       for k, v in vars(a).items() if k != "merge"},
+                             "results": results})
     plot(results, a, a.out.with_suffix(".png"))
-    print(md)
+    return md
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.merge:
+        facts, args, results = merge(a.merge)
+        out = a.out
+        a = argparse.Namespace(**{**args, "out": out, "merge": None})
+        print(report(a, facts, results))
+        return 0
+    torch.set_num_threads(1)
+    _, facts = header(f"Training over {a.agents} agents: NEXT vs D-PSGD vs centralised (MNIST MLP)",
+                      f"one run per setting, seed {a.seed}, agents simulated as threads of one process")
+    t0 = time.perf_counter()
+    data = mnist(a)
+    results: dict = {"central": {"-": run(a, data, "central", "complete", "iid")}, "next": {}, "dpsgd": {}}
+    print(f"central: U={results['central']['-'][-1]['social_loss']:.4f}", flush=True)
+    partial = a.out.with_name(a.out.stem + "_partial.json")  # what is done so far, if the run is cut short
+    for graph in a.graphs:
+        for split in SPLITS:
+            for method in ("next", "dpsgd"):
+                t1 = time.perf_counter()
+                results[method][f"{graph}/{split}"] = run(a, data, method, graph, split)
+                last = results[method][f"{graph}/{split}"][-1]
+                print(f"{method} {graph} {split}: U={last['social_loss']:.4f} acc={last['test_acc']:.2f} "
+                      f"ce={last['consensus_error']:.1e} ({time.perf_counter() - t1:.0f} s)", flush=True)
+                partial.write_text(json.dumps(results))
+    facts.update(loadavg_end=list(os.getloadavg()), wall_s=time.perf_counter() - t0)
+    partial.write_text(json.dumps({"facts": facts, "results": results}))
+    print(report(a, facts, results))
+    partial.unlink()
     return 0
 
 
