@@ -141,6 +141,9 @@ def table(results: dict, a) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for split in SPLITS:
         for graph in a.graphs:
+            if any(f"{graph}/{split}" not in results[m] for m in ("next", "dpsgd")):
+                lines.append(f"| {split} | {graph} | not run (cut short) |" + " |" * 10)
+                continue
             nx, dp = results["next"][f"{graph}/{split}"][-1], results["dpsgd"][f"{graph}/{split}"][-1]
             gap = [100 * (r["social_loss"] / central["social_loss"] - 1) for r in (nx, dp)]
             lines.append(f"| {split} | {graph} | {nx['social_loss']:.4f} | {dp['social_loss']:.4f} | "
@@ -160,7 +163,9 @@ def plot(results: dict, a, path: Path) -> None:
         ax_it.plot([r["iter"] for r in central], [r["social_loss"] for r in central], "k-", label="centralised")
         for method in ("next", "dpsgd"):
             for graph in a.graphs:
-                c = results[method][f"{graph}/{split}"]
+                c = results[method].get(f"{graph}/{split}")
+                if c is None:
+                    continue
                 kw = dict(color=colours[graph], ls=STYLE[method], label=f"{method} {graph}")
                 ax_it.plot([r["iter"] for r in c], [r["social_loss"] for r in c], **kw)
                 ax_b.plot([r["bytes"] / 1e6 for r in c], [r["social_loss"] for r in c], **kw)
@@ -190,7 +195,7 @@ def merge(paths: list[Path]) -> tuple[dict, dict, dict]:
     for p in parts:
         for m in ("next", "dpsgd"):
             results[m].update(p["results"][m])
-    args["graphs"] = [g for g in GRAPHS if f"{g}/iid" in results["next"]]
+    args["graphs"] = [g for g in GRAPHS if any(g in p["args"]["graphs"] for p in parts)]
     return facts, args, results
 
 
