@@ -437,6 +437,15 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write ``obj`` as JSON through a temporary file, so a reader never sees half a file."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -449,11 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(format_table(result))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)  # a reader never sees half a file
+        write_json(args.json, result)
     return 0
 
 

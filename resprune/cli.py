@@ -47,7 +47,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue a run directory from its checkpoints")
     p.add_argument("--engine", default=None,
                    help="training engine: serial (default) or a layer-parallel one: mgrit (multigrid across "
-                        "layers), pipeline (exact GPipe/1F1B), local (local losses per chunk); docs/parallel.md")
+                        "layers), pipeline (exact GPipe/1F1B), local (local losses per chunk), auxvar (auxiliary "
+                        "variables, then serial correction); docs/parallel.md")
     p.add_argument("--nproc", type=int, default=None, help="processes for a layer-parallel engine (torchrun)")
 
 

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 1
+BUDGETS = ("target_macs", "target_latency_ms")  # pruning rules that replace the default threshold
 
 
 class RecipeError(ResPruneError, ValueError):
@@ -127,10 +128,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PruneStageConfig:
-    """The pruning rule (see :class:`resprune.PruneConfig`): one of threshold / target_macs."""
+    """The pruning rule (see :class:`resprune.PruneConfig`): one of threshold / target_macs /
+    target_latency_ms (the last with ``latency_table``, a table from export/latency_table.py;
+    a ``latency_table`` with another rule adds the predicted latency to the report)."""
 
     threshold: float | None = DEFAULT_THRESHOLD
     target_macs: float | int | None = None
+    target_latency_ms: float | None = None
+    latency_table: str | None = None
     rank: str = "scale"
     min_layers_per_stage: int = 1
 
@@ -146,8 +151,9 @@ class PruneStageConfig:
         from .prune import PruneConfig
 
         size = {} if input_size is None else {"input_size": input_size}
-        return PruneConfig(threshold=self.threshold, target_macs=self.target_macs, rank=self.rank,
-                           min_layers_per_stage=self.min_layers_per_stage, **size)
+        return PruneConfig(threshold=self.threshold, target_macs=self.target_macs,
+                           target_latency_ms=self.target_latency_ms, latency_table=self.latency_table,
+                           rank=self.rank, min_layers_per_stage=self.min_layers_per_stage, **size)
 
     def __post_init__(self) -> None:
         try:
@@ -246,7 +252,7 @@ def recipe_from_dict(d: dict) -> Recipe:
         if k in SECTIONS:
             if not isinstance(v, dict):
                 raise RecipeError(f"[{k}] must be a table of keys")
-            if k == "prune" and v.get("target_macs") is not None and "threshold" not in v:
+            if k == "prune" and any(v.get(b) is not None for b in BUDGETS) and "threshold" not in v:
                 v = {**v, "threshold": None}  # a budget replaces the default threshold
             kw[k] = _build(SECTIONS[k], v, k)
         else:
@@ -312,13 +318,14 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
                 d[sec][parts[1]] = _parse_value(raw)
         else:
             raise RecipeError(f"unknown recipe key {key!r}")
-    if {"prune.threshold", "prune.target_macs"} & {o.split("=", 1)[0].strip() for o in overrides}:
-        # setting one pruning rule switches the other off unless both were given
-        given = {o.split("=", 1)[0].strip() for o in overrides}
-        if "prune.target_macs" in given and "prune.threshold" not in given:
-            d["prune"]["threshold"] = None
-        if "prune.threshold" in given and "prune.target_macs" not in given:
-            d["prune"]["target_macs"] = None
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if d["engine"] != recipe.engine and not any(k.split(".")[0] == "engine_options" for k in given):
+        d["engine_options"] = {}  # the recipe's options belong to its own engine, not the new one
+    prune_given = {k.removeprefix("prune.") for k in given if k.startswith("prune.")}
+    rules = {"threshold", *BUDGETS}
+    if prune_given & rules:  # setting one pruning rule switches the others off unless they were given too
+        for r in rules - prune_given:
+            d["prune"][r] = None
     return recipe_from_dict(d)
 
 

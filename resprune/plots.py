@@ -178,3 +178,26 @@ def plot_acc_vs_macs(runs: list[dict], path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_latency_vs_macs(run: dict, path: str | os.PathLike) -> Path:
+    """Predicted latency against MACs of the candidate prunings (the greedy removal in each
+    rank order, from the run's latency table) and the pruned model chosen."""
+    p = run["predicted_latency"]
+    fig = _figure(7.0, 4.6)
+    ax = fig.add_subplot()
+    for rank, pts in p["candidates"].items():
+        xs, ys = zip(*pts)
+        ax.plot([x / 1e6 for x in xs], ys, marker=".", ms=4, lw=1, label=f"removal order: {rank}")
+    if run["after"].get("macs") is not None:
+        ax.scatter([run["after"]["macs"] / 1e6], [p["predicted_after_ms"]], color=AFTER, zorder=3, s=40,
+                   label="pruned (this run)")
+    if p.get("target_ms") is not None:
+        ax.axhline(p["target_ms"], color="0.5", ls="--", lw=0.8, label=f"target {p['target_ms']:g} ms")
+    ax.set_xlabel("MACs per image (M, conv + linear)")
+    ax.set_ylabel(f"predicted latency (ms, batch {p['batch']})")
+    ax.set_title(f"{run['name']}: predicted latency against MACs of candidate prunings\n"
+                 f"({p['device']}, {p['runtime']} {p['precision']}, {p['threads']} thread(s))", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -17,6 +17,14 @@ Selection:
   MACs; an int is an absolute MACs budget. Units are removed greedily in increasing order of
   importance until the budget is met. Importance (``rank``) is ``|s|`` by default, or
   ``|s| / MACs`` of the unit (``rank="scale_per_mac"``), which prefers expensive layers.
+* ``target_latency_ms`` with ``latency_table`` (a table made on the target device by
+  ``export/latency_table.py``, see :mod:`resprune.latency`): the same greedy removal until
+  the *predicted* latency at the table's batch size is at most the target; ``rank`` may
+  also be ``"scale_per_ms"`` (``|s|`` per millisecond the unit saves).
+
+With a ``latency_table`` (any rule), the report's ``latency`` holds the predicted latency
+before and after, per stage, and the predicted (MACs, ms) of the candidate prunings along
+each rank order (what the report plots).
 
 No stage (top-level child of the model, e.g. ``layer2``) is left without a convolution
 (``min_layers_per_stage``); a threshold that would do that, or a budget that cannot be met
@@ -38,6 +46,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,13 +54,14 @@ from torch import nn
 from .errors import ResPruneError
 from .layers import ConvBN2d, ResConv2d
 from .models.arch import ArchRecord
+from .latency import LatencyTable, layer_signatures
 from .profile import DEFAULT_INPUT_SIZE, profile
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PruneConfig", "PruneError", "PruneReport", "RemovalUnit", "RemovedLayer", "removal_units", "prune_", "remove_units_"]
 
-RANKS = ("scale", "scale_per_mac")
+RANKS = ("scale", "scale_per_mac", "scale_per_ms")
 
 
 class PruneError(ResPruneError, ValueError):
@@ -65,21 +75,30 @@ class PruneConfig:
     Args:
         threshold: remove every removable layer with ``|scale| < threshold``.
         target_macs: float in (0, 1]: keep at most this fraction of MACs; int: MACs budget.
-        rank: importance for budget mode: ``"scale"`` (|s|) or ``"scale_per_mac"``.
+        target_latency_ms: predicted latency budget (ms) on the device of ``latency_table``.
+        latency_table: path of a table from ``export/latency_table.py`` (needed by
+            ``target_latency_ms`` and ``rank="scale_per_ms"``; with any rule, the report
+            gains the predicted latency).
+        rank: importance for budget mode: ``"scale"`` (|s|), ``"scale_per_mac"`` or ``"scale_per_ms"``.
         min_layers_per_stage: convolutions every stage must keep.
         input_size: input shape used to count MACs.
     """
 
     threshold: float | None = None
     target_macs: float | int | None = None
+    target_latency_ms: float | None = None
+    latency_table: str | None = None
     rank: str = "scale"
     min_layers_per_stage: int = 1
     input_size: tuple[int, ...] = DEFAULT_INPUT_SIZE
     version: int = 1
 
     def __post_init__(self) -> None:
-        if (self.threshold is None) == (self.target_macs is None):
-            raise PruneError("PruneConfig needs exactly one of threshold= or target_macs=")
+        rules = [k for k in ("threshold", "target_macs", "target_latency_ms") if getattr(self, k) is not None]
+        if len(rules) != 1:
+            raise PruneError(f"PruneConfig needs exactly one of threshold=, target_macs=, target_latency_ms=; "
+                             f"got {rules or 'none'}")
+        self._check_latency()
         if self.threshold is not None:
             t = self.threshold
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
@@ -100,6 +119,20 @@ class PruneConfig:
             raise PruneError("min_layers_per_stage must be >= 0")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
 
+    def _check_latency(self) -> None:
+        t = self.target_latency_ms
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+            raise PruneError(f"target_latency_ms must be a finite number of ms > 0, got {t!r}")
+        needs = [k for k, on in (("target_latency_ms", t is not None), ("rank='scale_per_ms'",
+                                                                          self.rank == "scale_per_ms")) if on]
+        if needs and not self.latency_table:
+            raise PruneError(f"{needs[0]} needs latency_table= (a table made on the target device by "
+                             "export/latency_table.py MODEL.onnx --json TABLE.json)")
+        if self.latency_table is not None and not isinstance(self.latency_table, (str, Path)):
+            raise PruneError(f"latency_table must be a path, got {self.latency_table!r}")
+        if self.latency_table is not None:
+            object.__setattr__(self, "latency_table", str(self.latency_table))
+
 
 @dataclass
 class RemovalUnit:
@@ -108,6 +141,7 @@ class RemovalUnit:
     layers: list[str]  # conv-bearing modules that disappear with the unit
     stage: str
     macs: int = 0
+    ms: float = 0.0  # predicted latency the unit saves (with a latency table)
 
 
 NOTHING_REMOVED_HINT = ("To remove layers, train with a larger L1 weight λ (train.l1) or for more epochs "
@@ -124,6 +158,7 @@ class PruneReport:
     removed_per_stage: dict[str, int]
     max_removed_scale: float
     config: dict = field(default_factory=dict)
+    latency: dict | None = None  # with a latency table: predicted ms before/after, per stage, candidates
 
     @property
     def macs_reduction(self) -> float:
@@ -139,17 +174,23 @@ class PruneReport:
                     f"{self.macs_before / 1e6:.2f} M, params {self.params_before / 1e6:.3f} M unchanged. "
                     f"{NOTHING_REMOVED_HINT}")
         per = ", ".join(f"{k}: {v}" for k, v in self.removed_per_stage.items())
+        lat = self.latency
+        lat = (f"; predicted latency {lat['predicted_before_ms']:.3f} → {lat['predicted_after_ms']:.3f} ms "
+               f"({lat['runtime']} {lat['precision']}, batch {lat['batch']}, {lat['threads']} thread(s), "
+               f"{lat['device']})" if lat else "")
         return (
             f"removed {len(self.removed)} units ({per}); MACs {self.macs_before / 1e6:.2f} M → "
             f"{self.macs_after / 1e6:.2f} M (−{100 * self.macs_reduction:.1f}%), params "
             f"{self.params_before / 1e6:.3f} M → {self.params_after / 1e6:.3f} M "
-            f"(−{100 * self.params_reduction:.1f}%); largest removed |scale| {self.max_removed_scale:.3g}"
+            f"(−{100 * self.params_reduction:.1f}%); largest removed |scale| {self.max_removed_scale:.3g}{lat}"
         )
 
     def rule(self) -> str:
         c = self.config or {}
         if c.get("threshold") is not None:
             return f"|scale| < {c['threshold']:g}"
+        if c.get("target_latency_ms") is not None:
+            return f"latency budget {c['target_latency_ms']:g} ms"
         return f"MACs budget {c.get('target_macs')}" if c.get("target_macs") is not None else "unknown rule"
 
     def to_dict(self) -> dict:
@@ -265,16 +306,36 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     layers = {l: sum(v for k, v in leaf_macs.items() if k == l or k.startswith(l + "."))
               for l in _conv_layers(model, "")}
     units = removal_units(model)
+    table = LatencyTable.load(config.latency_table) if config.latency_table else None
+    sigs = layer_signatures(model, config.input_size) if table else {}
+    lat_ms, lat_bytes = (table.layer_ms(sigs), table.layer_bytes(sigs)) if table else ({}, {})
+    above = table is not None and table.cache_ms(sum(lat_bytes.values())) > 0
     for u in units:
         u.macs = sum(layers[l] for l in u.layers)
+        u.ms = sum(lat_ms[l] + (table.cache_ms(lat_bytes[l] + table.cache) if above else 0.0)
+                   for l in u.layers) if table else 0.0
 
     if config.threshold is not None:
         chosen = [u for u in units if abs(u.scale) < config.threshold]
         _check_stages(units, chosen, layers, config.min_layers_per_stage)
+    elif config.target_macs is not None:
+        b = config.target_macs
+        budget = int(b * before.macs) if isinstance(b, float) else int(b)
+        chosen = _select_budget(units, layers, lambda gone: before.macs - sum(layers[l] for l in gone),
+                                budget, config, lambda left: (
+            f"target_macs={b} (budget {budget:,} MACs of {before.macs:,}) cannot be met: removing every "
+            f"removable layer the stage rule allows leaves {left:,} MACs ({100 * left / before.macs:.1f}%)."))
     else:
-        chosen = _select_budget(units, layers, before.macs, config)
+        total = _predictor(table, lat_ms, lat_bytes)
+        d = table.describe()
+        chosen = _select_budget(units, layers, total, config.target_latency_ms, config, lambda left: (
+            f"target_latency_ms={config.target_latency_ms:g} cannot be met on {d['device']} ({d['runtime']} "
+            f"{d['precision']}, batch {d['batch']}, {d['threads']} thread(s), table {d['table']}): removing every "
+            f"removable layer the stage rule allows leaves a predicted {left:.3f} ms (unpruned {total(set()):.3f} ms, "
+            f"of which {table.fixed_ms:.3f} ms outside the convolutions)."))
 
     names = [u.name for u in chosen]
+    latency = _latency_report(table, lat_ms, lat_bytes, units, chosen, layers, before.macs, config) if table else None
     remove_units_(model, names)
     after = profile(model, config.input_size)
     report = PruneReport(
@@ -283,38 +344,75 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
         params_before=before.params, params_after=after.params,
         removed_per_stage=dict(Counter(u.stage for u in chosen)),
         max_removed_scale=max((abs(u.scale) for u in chosen), default=0.0),
-        config=asdict(config),
+        config=asdict(config), latency=latency,
     )
     logger.debug("prune_: %s", report.summary())  # callers report it (the prune stage once, with accuracy)
     return report
 
 
-def _select_budget(units, layers, total, config: PruneConfig) -> list[RemovalUnit]:
-    b = config.target_macs
-    budget = int(b * total) if isinstance(b, float) else int(b)
-    if config.rank == "scale":
-        order = sorted(units, key=lambda u: abs(u.scale))
-    else:
-        order = sorted(units, key=lambda u: abs(u.scale) / max(u.macs, 1))
+def _order(units: list[RemovalUnit], rank: str) -> list[RemovalUnit]:
+    """Least important first."""
+    if rank == "scale_per_mac":
+        return sorted(units, key=lambda u: abs(u.scale) / max(u.macs, 1))
+    if rank == "scale_per_ms":
+        return sorted(units, key=lambda u: abs(u.scale) / max(u.ms, 1e-9))
+    return sorted(units, key=lambda u: abs(u.scale))
+
+
+def _removals(order: list[RemovalUnit], layers: dict[str, int], min_keep: int):
+    """The units of ``order`` the stage rule lets go, one after the other, each with the
+    layers it removes that earlier ones did not."""
     gone: set[str] = set()
-    chosen: list[RemovalUnit] = []
-    macs = total
     per_stage = Counter(l.split(".")[0] for l in layers)
     for u in order:
-        if macs <= budget:
-            break
         new = [l for l in u.layers if l not in gone]
-        stage_left = per_stage[u.stage] - len(new)
-        if stage_left < config.min_layers_per_stage:
+        left = per_stage[u.stage] - len(new)
+        if left < min_keep:
             continue
+        gone.update(new)
+        per_stage[u.stage] = left
+        yield u, new
+
+
+def _select_budget(units, layers, measure, budget, config: PruneConfig, unmet) -> list[RemovalUnit]:
+    """Greedy removal in rank order until ``measure(removed layers)`` (MACs or predicted ms of
+    what is left) is at most ``budget``; ``unmet(left)`` words the error when it cannot be."""
+    chosen: list[RemovalUnit] = []
+    gone: set[str] = set()
+    for u, new in _removals(_order(units, config.rank), layers, config.min_layers_per_stage):
+        if measure(gone) <= budget:
+            break
         chosen.append(u)
         gone.update(new)
-        per_stage[u.stage] = stage_left
-        macs -= sum(layers[l] for l in new)
-    if macs > budget:
-        raise PruneError(
-            f"target_macs={b} (budget {budget:,} MACs of {total:,}) cannot be met: removing every "
-            f"removable layer the stage rule allows leaves {macs:,} MACs "
-            f"({100 * macs / total:.1f}%). Nothing was removed."
-        )
+    left = measure(gone)
+    if left > budget:
+        raise PruneError(f"{unmet(left)} Nothing was removed.")
     return [u for u in units if u in chosen]  # module order
+
+
+def _predictor(table: LatencyTable, lat_ms: dict, lat_bytes: dict):
+    """Predicted ms of the model without the given layers."""
+    return lambda gone: table.total({l: v for l, v in lat_ms.items() if l not in gone},
+                                    {l: v for l, v in lat_bytes.items() if l not in gone})
+
+
+def _latency_report(table: LatencyTable, lat_ms: dict, lat_bytes: dict, units, chosen, layers, macs: int,
+                    config: PruneConfig) -> dict:
+    """Predicted latency before/after and per stage, and the predicted (MACs, ms) after each
+    step of the greedy removal in every rank order (the candidate prunings)."""
+    gone = {l for u in chosen for l in u.layers}
+    kept = {l: v for l, v in lat_ms.items() if l not in gone}
+    kept_bytes = {l: v for l, v in lat_bytes.items() if l not in gone}
+    total = _predictor(table, lat_ms, lat_bytes)
+    candidates = {}
+    for rank in RANKS:
+        m, off, path = macs, set(), [[macs, total(set())]]
+        for _u, new in _removals(_order(units, rank), layers, config.min_layers_per_stage):
+            m -= sum(layers[l] for l in new)
+            off.update(new)
+            path.append([m, total(off)])
+        candidates[rank] = path
+    return {**table.describe(), "target_ms": config.target_latency_ms, "predicted_before_ms": total(set()),
+            "predicted_after_ms": total(gone),
+            "per_stage_before_ms": table.per_stage(lat_ms, lat_bytes),
+            "per_stage_after_ms": table.per_stage(kept, kept_bytes), "candidates": candidates}

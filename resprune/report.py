@@ -186,7 +186,7 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
         **_comparisons(before, after, summarize_baseline(baseline, run_dir)),
         "latency": _latency(bench), "removed": prune.get("removed", []),
         "removed_per_stage": prune.get("removed_per_stage", {}), "units_per_stage": dict(units),
-        "max_removed_scale": prune.get("max_removed_scale"),
+        "max_removed_scale": prune.get("max_removed_scale"), "predicted_latency": prune.get("latency"),
         "prune_config": prune.get("config", {}), "scales": scales,
         "device": bench.get("device", {}), "bench_settings": bench.get("settings", {}),
         "hardware": metrics.get("hardware"),
@@ -287,7 +287,9 @@ def _removed_lines(r: dict) -> list[str]:
     per = ", ".join(f"{k}: {v}/{r['units_per_stage'].get(k, '?')}" for k, v in r["removed_per_stage"].items()) or "none"
     cfg = r["prune_config"]
     rule = (f"threshold |s| < {cfg['threshold']:g}" if cfg.get("threshold") is not None
-            else f"MACs budget {cfg.get('target_macs')}" if cfg.get("target_macs") is not None else "unknown rule")
+            else f"MACs budget {cfg.get('target_macs')}" if cfg.get("target_macs") is not None
+            else f"latency budget {cfg['target_latency_ms']:g} ms" if cfg.get("target_latency_ms") is not None
+            else "unknown rule")
     if r["removed"]:
         return ["", f"Removed {len(r['removed'])} units ({rule}; per stage removed/removable: {per}); "
                 f"largest removed |s| = {_f(r['max_removed_scale'], '.3g')}.", ""]
@@ -296,13 +298,34 @@ def _removed_lines(r: dict) -> list[str]:
             "prune.target_macs budget.", ""]
 
 
+def _predicted_lines(r: dict) -> list[str]:
+    """Per-stage predicted latency from the latency table, and what bench.json measured at
+    the table's batch size."""
+    p = r.get("predicted_latency")
+    if not p:
+        return []
+    lines = ["", f"Predicted latency (table `{p['table']}`: {p['device']}, {p['runtime']} {p.get('runtime_version')} "
+             f"{p['precision']}, batch {p['batch']}, {p['threads']} thread(s)):", "",
+             "| part | before (ms) | after (ms) |", "|---|---|---|"]
+    after = p["per_stage_after_ms"]
+    for k, v in p["per_stage_before_ms"].items():
+        lines.append(f"| {k} | {v:.3f} | {after.get(k, 0.0):.3f} |")
+    lines.append(f"| **total (predicted)** | {p['predicted_before_ms']:.3f} | {p['predicted_after_ms']:.3f} |")
+    m = r["latency"].get(str(p["batch"]))
+    if m:
+        lines.append(f"| total (measured, bench.json, {_threads(r['bench_settings'])}) | "
+                     f"{_ms(m['before_ms'], m.get('before_iqr_ms'))} | {_ms(m['after_ms'], m.get('after_iqr_ms'))} |")
+    return lines + [""]
+
+
 def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
     lines = [f"## {r['name']}", ""]
     if r["model"]:
         lines.append(f"model: `{r['model']}`  ")
-    lines += _engine_lines(r) + _device_lines(r) + _baseline_lines(r) + _before_after_lines(r) + _removed_lines(r)
+    lines += (_engine_lines(r) + _device_lines(r) + _baseline_lines(r) + _before_after_lines(r) + _removed_lines(r)
+              + _predicted_lines(r))
     for title, key in (("layer scales", "scales"), ("before/after", "before_after"),
-                       ("removed per stage", "removed_per_stage")):
+                       ("removed per stage", "removed_per_stage"), ("latency against MACs", "latency_vs_macs")):
         if key in plots:
             lines.append(f"![{title}]({plots[key]})")
     return lines + [""]
@@ -339,6 +362,8 @@ def _plots(runs: list[dict], out: Path) -> tuple[dict[str, dict[str, str]], str 
         files["before_after"] = P.plot_before_after(r, pdir / f"{prefix}before_after.png")
         if r["units_per_stage"]:
             files["removed_per_stage"] = P.plot_removed_per_stage(r, pdir / f"{prefix}removed_per_stage.png")
+        if r.get("predicted_latency"):
+            files["latency_vs_macs"] = P.plot_latency_vs_macs(r, pdir / f"{prefix}latency_vs_macs.png")
         per_run[r["name"]] = {k: str(v.relative_to(out)) for k, v in files.items()}
     cross = str(P.plot_acc_vs_macs(runs, pdir / "acc_vs_macs.png").relative_to(out)) if len(runs) > 1 else None
     return per_run, cross

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,6 +69,9 @@ def run_threads(P, fn):
         t.join(timeout=120)
     if errs:
         raise errs[0]
+    late = [r for r, t in enumerate(th) if t.is_alive()]
+    if late:  # a starved machine, or a rank waiting for a message that never comes
+        raise TimeoutError(f"simulated ranks {late} of {P} still running after the 120 s join timeout")
     return out
 
 
@@ -107,3 +114,15 @@ def run_rank(main) -> None:
         traceback.print_exc()
         code = 1
     finalize(code)
+
+
+def blocked_env(shim: Path, names: tuple[str, ...] = ("torch", "resprune")) -> dict:
+    """Environment whose Python cannot import ``names`` (failing fake packages first on the
+    path), for checking that the export/ tools run without torch or resprune."""
+    for name in names:
+        (shim / name).mkdir()
+        (shim / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked: export/ must run without it')\n")
+    env = {**os.environ, "PYTHONPATH": str(shim) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the shim works
+    return env

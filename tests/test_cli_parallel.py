@@ -4,6 +4,7 @@ works for every layer-parallel engine as it does for mgrit (tests/test_cli.py)."
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,6 +57,23 @@ def test_run_local_two_processes(tmp_path):
     stages = json.loads((out / "metrics.json").read_text())["stages"]
     assert stages["sparse"]["engine"]["name"] == "local" and stages["finetuned"]["engine"]["nproc"] == 2
     assert not any(k.startswith("aux") for k in rp.load(out / "sparse.pt").state_dict())
+
+
+@pytest.mark.dist
+def test_run_auxvar_two_processes(tmp_path):
+    """`resprune run … --engine auxvar --nproc 2`: one parallel epoch on auxiliary variables and
+    one serial correction epoch, then pruning, fine-tuning, fusion and export of the net."""
+    out = tmp_path / "aux"
+    _run(["run", "quickstart", "--engine", "auxvar", "--nproc", "2", "--out", str(out), *TINY,
+          "--set", "train.epochs=2", "--set", "engine_options.variant=al", "--set", "engine_options.downsample=2",
+          "--set", "prune.threshold=null", "--set", "prune.target_macs=0.8", *FAST])
+    for f in ("sparse.pt", "pruned.pt", "fused.pt", "onnx/pruned.onnx", "report.md"):
+        assert (out / f).is_file(), f
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    sparse = stages["sparse"]
+    assert sparse["engine"]["name"] == "auxvar" and sparse["engine"]["options"]["variant"] == "al"
+    assert len(sparse["history"]) == 2 and stages["pruned"]["macs"] < sparse["macs"]
+    assert all(math.isfinite(h["train_loss"]) for h in sparse["history"])
 
 
 @pytest.mark.dist

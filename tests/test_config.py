@@ -25,6 +25,16 @@ def test_overrides():
     assert r2.engine == "mgrit" and r2.engine_options == {"cf": 4} and r2.nproc == 2
 
 
+def test_engine_override_drops_the_recipe_engines_options():
+    # the recipe's engine_options are its own engine's: --engine serial must not inherit mgrit's
+    r = load_recipe("mnist_chain256_mgrit", ["engine=serial", "nproc=1"])
+    assert r.engine == "serial" and r.engine_options == {}
+    r2 = load_recipe("mnist_chain256_mgrit", ["engine=mgrit", "nproc=2"])  # same engine: kept
+    assert r2.engine_options["cf"] == 4
+    r3 = load_recipe("mnist_chain256_mgrit", ["engine=local", "engine_options={}"])
+    assert r3.engine == "local" and r3.engine_options == {}
+
+
 @pytest.mark.parametrize("item,match", [
     ("train.epoch=3", "unknown recipe key 'train.epoch'"),
     ("trian.epochs=3", "unknown recipe section"),

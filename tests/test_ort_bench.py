@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import blocked_env
 from onnx import TensorProto, helper, numpy_helper
 
 TOOL = Path(__file__).resolve().parents[1] / "export" / "ort_bench.py"
@@ -56,15 +57,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def no_torch_env(tmp_path_factory):
     """Environment whose Python cannot import torch or resprune (fake failing packages first)."""
-    shim = tmp_path_factory.mktemp("shim")
-    for name in ("torch", "resprune"):
-        (shim / name).mkdir()
-        (shim / name / "__init__.py").write_text(
-            f"raise ImportError('{name} is blocked: ort_bench.py must run without it')\n")
-    env = {**os.environ, "PYTHONPATH": str(shim) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert probe.returncode != 0 and "blocked" in probe.stderr  # the shim works
-    return env
+    return blocked_env(tmp_path_factory.mktemp("shim"))
 
 
 def run_tool(args, env, cwd):

@@ -144,14 +144,23 @@ class DeviceLoader:
         n = len(self.labels)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def _prepare(self, xb: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, xb: torch.Tensor, augment: bool) -> torch.Tensor:
         x = xb.float().div_(255.0)
-        if self.train and self.augment:
+        if augment:
             x = batch_crop_flip(x, self.pad, self.generator, flip=self.flip)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, _ in self.indexed():
+            yield x, y
+
+    def indexed(self, augment: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of one pass as ``(images, labels, indices)``: ``indices`` are the
+        samples' positions in the data set (what engines keeping per-sample state address);
+        ``augment=False`` turns augmentation off for this pass (``None``: as configured).
+        Shuffling is unchanged."""
+        aug = self.train and self.augment and augment is not False
         n = len(self.labels)
         if self.train:
             order = torch.randperm(n, generator=self.generator).to(self.device)
@@ -159,4 +168,4 @@ class DeviceLoader:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self._prepare(self.images[idx]), self.labels[idx]
+            yield self._prepare(self.images[idx], aug), self.labels[idx], idx

@@ -17,6 +17,10 @@ Every rank calls, collectively:
   optimizer state, keyed by parameter name (:func:`optimizer_state_by_name`), so a checkpoint
   resumes on any number of ranks; ``loop_state()`` / ``load_loop_state(d)``: the small state an
   engine carries from step to step (the same on every rank), for checkpoints;
+- ``indexed_epoch(epoch) -> bool``: called by the training loop as epoch ``epoch`` (1-based)
+  begins; True asks for that epoch's batches without augmentation and with the samples'
+  indices in the training set, passed as ``step(x, y, index=...)`` (engines that keep
+  per-sample state: ``auxvar``); the default is False;
 - ``train()`` / ``eval()``, and the attributes ``optimizer`` (rank-local, for LR schedulers),
   ``rank``, ``world_size``, ``comm`` (:class:`~resprune.parallel.comm.Comm` of the ranks),
   ``stats`` (what the last step did: for the stage engines ``times_s`` per phase,
@@ -218,6 +222,11 @@ class Engine:
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:  # pragma: no cover
         raise NotImplementedError
+
+    def indexed_epoch(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (1-based) trains on non-augmented batches with sample
+        indices (``step(x, y, index=...)``); engines keeping per-sample state override it."""
+        return False
 
     #: True when the BatchNorm running statistics an engine accumulates in training are those
     #: of the exact forward pass (serial, converged MGRIT). Simultaneous MGRIT accumulates

@@ -7,6 +7,8 @@ A self-contained wing of resprune (it imports nothing from the rest of the packa
   parabolic PDEs with affine uncertain coefficients);
 * :mod:`resprune.qmc.surrogate` MLP surrogates trained full batch (Adam, then L-BFGS);
 * :mod:`resprune.qmc.study`     error-versus-N study, fitted rates, markdown and PNG report;
+* :mod:`resprune.qmc.ensemble`  the published study's grid of small MLPs, trained batched;
+* :mod:`resprune.qmc.reference` the published protocol (E_G, E_T, gap, bootstrap CIs), MC beside QMC;
 * :mod:`resprune.qmc.cli`       ``resprune qmc study`` / ``python -m resprune.qmc study``.
 
 Example:
@@ -16,8 +18,10 @@ Example:
     (64,)
 """
 
+from resprune.qmc.ensemble import GridConfig
 from resprune.qmc.points import PointSetConfig, generate_points, list_point_sets, nested_pair
 from resprune.qmc.problems import create_problem, list_problems
+from resprune.qmc.reference import ReferenceConfig, run_reference
 from resprune.qmc.surrogate import SurrogateConfig, train_ensemble, train_surrogate
 
 __all__ = [
@@ -30,4 +34,7 @@ __all__ = [
     "SurrogateConfig",
     "train_surrogate",
     "train_ensemble",
+    "GridConfig",
+    "ReferenceConfig",
+    "run_reference",
 ]

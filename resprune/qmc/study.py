@@ -49,6 +49,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["StudyConfig", "StudyResult", "run_study", "fit_rate", "write_report", "hardware"]
 
 
+
+def check_names(config: Any, base: Any) -> None:
+    """Validate a study config's names (duck-typed: ``problems``, ``ablation_problems``,
+    ``point_sets``, ``activations``, ``ablation_activations``); ``base`` is the network config
+    whose ``activation`` field validates an activation name. ValueError names the culprit."""
+    for p in (*config.problems, *config.ablation_problems):
+        if p not in list_problems():
+            raise ValueError(f"unknown problem {p!r}; choose from {list_problems()}")
+    for k in config.point_sets:
+        if k not in list_point_sets():
+            raise ValueError(f"unknown point set {k!r}; choose from {list_point_sets()}")
+    for a in (*config.activations, *config.ablation_activations):
+        replace(base, activation=a)  # validates the name
+    if not config.problems or not config.point_sets or not config.activations:
+        raise ValueError("need at least one problem, point set and activation")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What to run.
@@ -88,16 +105,7 @@ class StudyConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        for p in (*self.problems, *self.ablation_problems):
-            if p not in list_problems():
-                raise ValueError(f"unknown problem {p!r}; choose from {list_problems()}")
-        for k in self.point_sets:
-            if k not in list_point_sets():
-                raise ValueError(f"unknown point set {k!r}; choose from {list_point_sets()}")
-        for a in (*self.activations, *self.ablation_activations):
-            replace(self.surrogate, activation=a)  # validates the name
-        if not self.problems or not self.point_sets or not self.activations:
-            raise ValueError("need at least one problem, point set and activation")
+        check_names(self, self.surrogate)
         if not 1 <= self.log2_n_min <= self.log2_n_max <= 20:
             raise ValueError("need 1 <= log2_n_min <= log2_n_max <= 20")
         if self.ensemble < 1 or not 2 <= self.log2_test <= 20:

@@ -38,7 +38,8 @@ def stage_prune(recipe: Recipe, run: RunDir) -> dict:
     loss, acc = evaluate(model.to(device).eval(), test_l)
     model = model.cpu()
     values = {"test_acc": acc, "test_loss": loss, "macs": report.macs_after, "params": report.params_after,
-              "removed": len(report.removed), "removed_per_stage": report.removed_per_stage}
+              "removed": len(report.removed), "removed_per_stage": report.removed_per_stage,
+              "predicted_latency_ms": report.latency["predicted_after_ms"] if report.latency else None}
     with run.writing("prune", stage_config(recipe, "prune"), inputs=["sparse.pt"]):
         save(model, run / "pruned.pt", extra={"prune": report.to_dict(), "input_size": list(input_size)})
         run.write_json("prune.json", {**report.to_dict(), "scales": {

@@ -392,10 +392,13 @@ class Trainer:
             for s in self.prox_scales:
                 s.copy_(torch.sign(s) * (s.abs() - shrink).clamp_min(0.0))
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimiser step; returns (loss, correct) as tensors, without a device sync."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor,
+              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimiser step; returns (loss, correct) as tensors, without a device sync.
+        ``index``: the samples' indices, for an engine's indexed epoch."""
         if self.engine is not None:
-            loss = torch.tensor(float(self.engine.step(x, y)))
+            value = self.engine.step(x, y) if index is None else self.engine.step(x, y, index=index)
+            loss = torch.tensor(float(value))
             self._prox()
             return loss, None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -428,8 +431,12 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             n, steps = 0, len(self.train_loader)
-            for i, (x, y) in enumerate(self.train_loader):
-                loss, c = self._step(x, y)
+            # an engine with per-sample state (auxvar) may ask for fixed, indexed samples
+            indexed = self.engine is not None and self.engine.indexed_epoch(epoch)
+            batches = self.train_loader.indexed(augment=False) if indexed else (
+                (x, y, None) for x, y in self.train_loader)
+            for i, (x, y, idx) in enumerate(batches):
+                loss, c = self._step(x, y, idx)
                 self.scheduler.step()
                 loss_sum += loss.to(self.device) * len(y)
                 if c is not None:
