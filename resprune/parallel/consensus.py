@@ -20,7 +20,8 @@ with ``fᵢ = ℓᵢ/N``; ``G``: ``reg`` = L2 ``λ/2‖x‖²`` or L1 ``λ‖x�
    ``x̃ᵢ = prox_{G/τ}(xᵢ − yᵢ/τ)``. ``inner_steps=k>1``: ``f̃ᵢ`` keeps ``ℓᵢ/N`` itself, block by
    block (each parameter tensor a block, the others held at ``xᵢ``: the papers' parallel
    scheme), solved by ``k`` fixed-point steps ``x_b ← prox(xᵢ_b − (∇_b ℓᵢ/N + π̃ᵢ_b)/τ)``
-   (a contraction when ``τ`` exceeds the block's curvature of ``ℓᵢ/N``); the blocks run on
+   (a contraction when ``τ`` exceeds the block's curvature of ``ℓᵢ/N``, by about their ratio
+   per step: ``inner_steps`` must cover it, hundreds of steps at a ratio of 0.96); the blocks run on
    ``block_threads`` threads of the agent (each with its own copy of the model).
 3. ``zᵢ = xᵢ + α[n](x̃ᵢ − xᵢ)``, ``α[n+1] = α[n](1 − μ·α[n])``.
 4. Consensus ``xᵢ ← Σⱼ Wᵢⱼ zⱼ`` and ``ŷᵢ = Σⱼ Wᵢⱼ yⱼ``: ``(zᵢ, yᵢ)`` go out in one message per
