@@ -219,8 +219,8 @@ def merge(paths: list[Path]) -> tuple[dict, dict, dict]:
     facts = dict(parts[0]["facts"])
     facts.update(command=" ; ".join(p["facts"]["command"] for p in parts),
                  loadavg_end=parts[-1]["facts"]["loadavg_end"], wall_s=max(p["facts"]["wall_s"] for p in parts),
-                 runs=parts[0]["facts"]["runs"] + f"; {len(parts)} processes side by side (one per part of the "
-                 "graphs), merged with --merge; wall time: the longest")
+                 runs=parts[0]["facts"]["runs"] + f"; {len(parts)} processes (one per part of the graphs or "
+                 "splits), merged with --merge; wall time: the longest")
     args = dict(parts[0]["args"])
     results = {"central": parts[0]["results"]["central"], "next": {}, "dpsgd": {}}
     for p in parts:
