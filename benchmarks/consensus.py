@@ -173,7 +173,7 @@ def table(results: dict, a) -> list[str]:
     for split in splits_of(a):
         for graph in a.graphs:
             if any(f"{graph}/{split}" not in results[m] for m in ("next", "dpsgd")):
-                lines.append(f"| {split} | {graph} | not run (cut short) |" + " |" * 10)
+                lines.append(f"| {split} | {graph} | not run |" + " |" * 10)
                 continue
             nx, dp = results["next"][f"{graph}/{split}"][-1], results["dpsgd"][f"{graph}/{split}"][-1]
             gap = [100 * (r["social_loss"] / central["social_loss"] - 1) for r in (nx, dp)]
