@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -46,6 +47,32 @@ def count_convs_run(model: nn.Module, x: torch.Tensor) -> int:
     for h in hooks:
         h.remove()
     return n[0]
+
+
+def run_threads(P, fn):
+    """Run ``fn(rank, comm)`` on P simulated ranks (a ``ThreadGroup``); re-raise the first failure."""
+    from resprune.parallel.comm import ThreadGroup
+
+    g, out, errs = ThreadGroup(P), [None] * P, []
+
+    def work(r):
+        try:
+            torch.set_num_threads(1)
+            out[r] = fn(r, g.comm(r))
+        except BaseException as e:  # pragma: no cover - reported below
+            errs.append(e)
+
+    th = [threading.Thread(target=work, args=(r,)) for r in range(P)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join(timeout=120)
+    if errs:
+        raise errs[0]
+    late = [r for r, t in enumerate(th) if t.is_alive()]
+    if late:  # a starved machine, or a rank waiting for a message that never comes
+        raise TimeoutError(f"simulated ranks {late} of {P} still running after the 120 s join timeout")
+    return out
 
 
 class RankChecks:

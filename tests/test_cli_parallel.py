@@ -74,3 +74,31 @@ def test_run_auxvar_two_processes(tmp_path):
     assert sparse["engine"]["name"] == "auxvar" and sparse["engine"]["options"]["variant"] == "al"
     assert len(sparse["history"]) == 2 and stages["pruned"]["macs"] < sparse["macs"]
     assert all(math.isfinite(h["train_loss"]) for h in sparse["history"])
+
+
+@pytest.mark.dist
+def test_train_consensus_two_agents_non_iid(tmp_path):
+    """`resprune train … --engine consensus --nproc 2` with a label-sorted split: every rank
+    trains on its shard, the checkpoint is the agents' average and scores what the run reported."""
+    out = tmp_path / "cons"
+    _run(["train", "quickstart", "--engine", "consensus", "--nproc", "2", "--out", str(out), *TINY,
+          "--set", "engine_options.split=label_sorted", "--set", "engine_options.graph=ring"])
+    sparse = json.loads((out / "metrics.json").read_text())["stages"]["sparse"]
+    assert sparse["engine"]["name"] == "consensus" and sparse["engine"]["options"]["split"] == "label_sorted"
+    from resprune.data import DeviceLoader, load_arrays
+    from resprune.train import evaluate
+
+    tr, te = load_arrays("digits")
+    trl = DeviceLoader(tr, 64, train=True)
+    tel = DeviceLoader(te, 512, mean=tuple(trl.mean.flatten().tolist()), std=tuple(trl.std.flatten().tolist()))
+    assert evaluate(rp.load(out / "sparse.pt").eval(), tel)[1] == pytest.approx(sparse["test_acc"], abs=1e-6)
+
+
+def test_consensus_graph_that_does_not_fit_nproc_is_refused_before_launch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(EXE), "-q", "train", "quickstart", "--engine", "consensus", "--nproc", "2",
+                          "--out", str(tmp_path / "x"), "--set", "engine_options.graph=torus",
+                          "--set", "engine_options.torus_shape=[3,3]"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 2 and "torus_shape 3x3 needs 9 agents, but there are 2" in res.stderr, res.stderr
+    assert not (tmp_path / "x").exists()

@@ -56,3 +56,12 @@ def test_mgrit_ode_options_match_serial(nproc: int) -> None:
 def test_mgrit_trainer_resumes_exactly() -> None:
     """Straight vs checkpoint + resume under the mgrit engine (tests/dist_worker_resume.py)."""
     torchrun_results(RESUME_WORKER, 2, 4)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_consensus_agents_as_processes(nproc: int) -> None:
+    """NEXT and D-PSGD over gloo ranks equal the threads simulation (tests/dist_worker_consensus.py)."""
+    from dist_worker_consensus import N_CHECKS
+
+    torchrun_results(Path(__file__).with_name("dist_worker_consensus.py"), nproc, N_CHECKS)

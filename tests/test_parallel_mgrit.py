@@ -4,7 +4,6 @@ math (P simulated ranks as threads, no torchrun), engines against serial, config
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -12,35 +11,12 @@ import torch.nn.functional as F
 
 import resprune as rp
 from resprune.parallel import MGRITConfig, create_engine, list_engines
-from resprune.parallel.comm import ThreadGroup
 from resprune.parallel.launch import (PEER_LOST, REPORTED, record_error, root_failure, strip_nproc,
                                       torchrun_command)
 from resprune.parallel.mgrit_solver import MGRITSolver, build_hierarchy
 from resprune.parallel.partition import analyze_layers, balanced_bounds
 
-
-def run_threads(P, fn):
-    """Run ``fn(rank, comm)`` on P simulated ranks; re-raise the first failure."""
-    g, out, errs = ThreadGroup(P), [None] * P, []
-
-    def work(r):
-        try:
-            torch.set_num_threads(1)
-            out[r] = fn(r, g.comm(r))
-        except BaseException as e:  # pragma: no cover - reported below
-            errs.append(e)
-
-    th = [threading.Thread(target=work, args=(r,)) for r in range(P)]
-    for t in th:
-        t.start()
-    for t in th:
-        t.join(timeout=120)
-    if errs:
-        raise errs[0]
-    late = [r for r, t in enumerate(th) if t.is_alive()]
-    if late:  # a starved machine, or a rank waiting for a message that never comes
-        raise TimeoutError(f"simulated ranks {late} of {P} still running after the 120 s join timeout")
-    return out
+from helpers import run_threads
 
 
 # ---- partition and hierarchy ------------------------------------------------------------

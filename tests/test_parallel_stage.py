@@ -32,7 +32,7 @@ def _chain(depth=16):
 
 # ---- registry ---------------------------------------------------------------------------------
 def test_engines_register_with_their_config_class():
-    assert list_engines() == ["auxvar", "local", "mgrit", "pipeline", "serial"]
+    assert list_engines() == ["auxvar", "consensus", "local", "mgrit", "pipeline", "serial"]
     assert engine_config_class("mgrit") is MGRITConfig and engine_config_class("serial") is None
     assert engine_config_class("pipeline") is PipelineConfig and engine_config_class("local") is LocalConfig
     cfg = engine_config("pipeline", {"microbatches": 2}, (1, 1, 16, 16))
@@ -70,7 +70,7 @@ def test_recipes_know_every_registered_engine():
         assert load_recipe("quickstart", [f"engine={name}"]).engine == name
     r = load_recipe("quickstart", ["engine=local", "engine_options.variant=overlap"])
     assert r.engine_options == {"variant": "overlap"}
-    with pytest.raises(RecipeError, match="available: auxvar, local, mgrit, pipeline, serial"):
+    with pytest.raises(RecipeError, match="available: auxvar, consensus, local, mgrit, pipeline, serial"):
         load_recipe("quickstart", ["engine=magic"])
     with pytest.raises(RecipeError, match="unknown engine_options key.*for engine 'pipeline'"):
         load_recipe("quickstart", ["engine=pipeline", "engine_options.cf=2"])

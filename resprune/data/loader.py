@@ -133,7 +133,8 @@ class DeviceLoader:
 
     @property
     def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
+        """The data set's class count (its class names; a shard may hold fewer labels)."""
+        return max(len(self.classes), int(self.labels.max()) + 1)
 
     @property
     def in_chans(self) -> int:

@@ -8,15 +8,17 @@ Example:
     >>> import torch, resprune as rp
     >>> from resprune.parallel import create_engine, MGRITConfig, list_engines
     >>> list_engines()
-    ['auxvar', 'local', 'mgrit', 'pipeline', 'serial']
+    ['auxvar', 'consensus', 'local', 'mgrit', 'pipeline', 'serial']
 """
 
+from .consensus import ConsensusConfig, ConsensusEngine
 from .engines import (Engine, SerialEngine, create_engine, engine_config, engine_config_class, list_engines,
                       register_engine)
 from .auxvar import AuxVarConfig, AuxVarEngine
 from .launch import finalize, init_distributed, relaunch_with_torchrun
 from .local import LocalConfig, LocalEngine
 from .mgrit import MGRITConfig, MGRITEngine
+from .graphs import GraphError, make_graph
 from .partition import analyze_layers, balanced_bounds, layer_sequence
 from .pipeline import PipelineConfig, PipelineEngine
 from .stage import Stage, StagedEngine
@@ -26,5 +28,6 @@ __all__ = [
     "PipelineConfig", "LocalEngine", "LocalConfig", "AuxVarEngine", "AuxVarConfig", "create_engine", "list_engines",
     "register_engine",
     "engine_config", "engine_config_class", "init_distributed", "relaunch_with_torchrun", "finalize",
-    "analyze_layers", "balanced_bounds", "layer_sequence",
+    "analyze_layers", "balanced_bounds", "layer_sequence", "ConsensusEngine", "ConsensusConfig", "GraphError",
+    "make_graph",
 ]

@@ -60,7 +60,7 @@ def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False, engine_fac
         return {}
     torch.manual_seed(recipe.finetune.seed)
     device = select_device(recipe.finetune.device)
-    train_l, test_l = _loaders(recipe, device)
+    train_l, test_l = _loaders(recipe, device, shard=True)
     size = loader_input_size(train_l)
     model = _load_pruned(run)
     t0 = time.perf_counter()

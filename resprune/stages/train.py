@@ -27,7 +27,7 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
         return run.read_json("metrics.json").get("stages", {}).get("sparse", {})
     torch.manual_seed(recipe.train.seed)
     device = select_device(recipe.train.device)
-    train_l, test_l = _loaders(recipe, device)
+    train_l, test_l = _loaders(recipe, device, shard=True)
     size = loader_input_size(train_l)
     model = build_model(recipe, train_l)
     engine = engine_factory(model, recipe, size) if engine_factory else None

@@ -14,6 +14,7 @@ import torch
 
 from ..config import Recipe
 from ..data import ArrayDataset, DeviceLoader, load_arrays
+from ..data.shards import shard_indices
 from ..models import create_model
 from ..profile import profile
 from ..rundir import RunDir
@@ -23,11 +24,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "loader_input_size", "deploy_info", "model_stats", "build_model", "engine_config", "make_engine", "engine_info",
-    "barrier", "rank", "agree", "skip",
+    "barrier", "rank", "world_size", "agree", "skip",
 ]
 
 
-def _loaders(recipe: Recipe, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
+def _loaders(recipe: Recipe, device: torch.device, shard: bool = False) -> tuple[DeviceLoader, DeviceLoader]:
+    """The recipe's training and test loaders. ``shard``: in a multi-process run of an engine
+    whose config has a ``split`` (``consensus``: every rank an agent with its own data), the
+    training loader holds this rank's shard only (:func:`resprune.data.shards.shard_indices`;
+    normalised with the whole training set's statistics)."""
     d, t = recipe.data, recipe.train
     tr, te = load_arrays(d.dataset, d.data_dir)
     if d.train_limit is not None and d.train_limit < len(tr):
@@ -36,6 +41,12 @@ def _loaders(recipe: Recipe, device: torch.device) -> tuple[DeviceLoader, Device
     cl = resolve_precision(t, device)[1] and recipe.engine == "serial"
     train = DeviceLoader.from_config(tr, d, train=True, device=device, seed=t.seed, channels_last=cl)
     mean, std = train.mean_std
+    split = getattr(engine_config(recipe), "split", None) if shard else None
+    if split is not None and world_size() > 1:
+        keep = shard_indices(tr.labels, rank(), world_size(), split, seed=t.seed)
+        part = ArrayDataset(tr.images[keep], tr.labels[keep], tr.classes)
+        train = DeviceLoader.from_config(part, d, train=True, device=device, seed=t.seed + rank(),
+                                         channels_last=cl, mean=mean, std=std)
     test = DeviceLoader.from_config(te, d, train=False, device=device, channels_last=cl, mean=mean, std=std)
     return train, test
 
@@ -82,7 +93,11 @@ def engine_config(recipe: Recipe, input_size: tuple[int, ...] | None = None):
     from ..parallel import engine_config as build
 
     try:
-        return build(recipe.engine, recipe.engine_options, input_size)
+        cfg = build(recipe.engine, recipe.engine_options, input_size)
+        check = getattr(cfg, "check_world_size", None)  # e.g. a graph over the ranks
+        if check is not None:
+            check(recipe.nproc)
+        return cfg
     except ValueError as exc:
         raise RecipeError(str(exc)) from exc
 
@@ -135,6 +150,12 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def agree(flag: bool) -> bool:
