@@ -43,14 +43,15 @@ def _cpu_model() -> str:
 
 
 def hardware(**versions: str) -> dict[str, Any]:
-    """The machine and software a number was measured on: CPU model, logical cores, Python,
-    torch (and the GPU when CUDA is available, torch's intra-op threads), plus ``versions``
+    """The machine and software a number was measured on: CPU model, logical cores, torch's CPU
+    capability (the vector ISA its kernels use), Python, torch (and the GPU when CUDA is available, torch's intra-op threads), plus ``versions``
     (e.g. ``numpy=np.__version__``)."""
     import torch
 
     info: dict[str, Any] = {"cpu": _cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
                             "python": platform.python_version(), "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads()}
+                            "torch_threads": torch.get_num_threads(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # AVX2 / AVX512: bf16 or not
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     info.update(versions)
