@@ -353,8 +353,8 @@ class Runtime:
             config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[self.precision]
         compiled = self.core.compile_model(model, "CPU", config)
         # what the plugin runs: it falls back to f32, silently, on a CPU without bf16/fp16 support
-        self.effective = _OV_NAMES.get(str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower(),
-                                       str(compiled.get_property("INFERENCE_PRECISION_HINT")))
+        hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.effective = _OV_NAMES.get(hint.lower(), hint)
         return _OVSession(compiled)
 
     def effective_precision(self) -> str:
