@@ -196,6 +196,7 @@ def _check_model_kwargs(recipe) -> None:
 
     from .config import RecipeError
     from .models import create_model
+    from .train.pipeline import remove_named_units_
 
     if "num_classes" in recipe.model.kwargs:
         raise RecipeError("model.kwargs.num_classes: the number of classes comes from the data set; remove it")
@@ -206,7 +207,10 @@ def _check_model_kwargs(recipe) -> None:
         why = re.sub(r"^[\w.<>]+\(\)\s*", "", str(exc))  # "factory() got an unexpected ..." → "got an ..."
         raise RecipeError(f"model.kwargs {recipe.model.kwargs}: {recipe.model.name} {why}") from exc
     except Exception:  # anything else surfaces when the real model is built
-        pass
+        return
+    if recipe.model.remove:  # unknown unit names: a RecipeError now (units are read off a real model)
+        remove_named_units_(create_model(recipe.model.name, **{"num_classes": 10, **recipe.model.kwargs}),
+                            recipe.model.remove)
 
 
 def _prepare_run_dir(args: argparse.Namespace, recipe):

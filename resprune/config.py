@@ -49,12 +49,25 @@ def _positive(name: str, v: float, allow_zero: bool = False) -> None:
 class ModelConfig:
     name: str = "resnet20"
     kwargs: dict = field(default_factory=dict)  # passed to create_model (e.g. {"resconv": false})
+    # units removed before training: a pruned architecture trained from scratch (the control
+    # for a pruning result). Unit names, or the path of a run's prune.json (its "removed" list).
+    remove: tuple = ()
 
     def __post_init__(self) -> None:
         from .models import is_model, list_models
 
         if not is_model(self.name):
             raise RecipeError(f"model.name={self.name!r} is not registered; known: {', '.join(list_models())}")
+        remove = self.remove
+        if isinstance(remove, str):
+            try:
+                remove = json.loads(Path(remove).read_text())["removed"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise RecipeError(f"model.remove={self.remove!r}: not a readable prune.json with a "
+                                  f"\"removed\" list ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(remove, (list, tuple)) or not all(isinstance(n, str) for n in remove):
+            raise RecipeError(f"model.remove must be a list of unit names or a prune.json path, got {self.remove!r}")
+        object.__setattr__(self, "remove", tuple(remove))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 
 import resprune as rp
 from resprune.cli import main
+from resprune.prune import removal_units
 
 FAST = ["--set", "train.epochs=2", "--set", "finetune.epochs=1", "--set", "export.bench_runs=3",
         "--set", "export.bench_warmup=1", "--set", "export.bench_batches=[1]"]
@@ -123,6 +124,10 @@ def test_threshold_that_would_delete_a_stage(run_dir, capsys):
     (["train", "quickstart", "--set", "model.kwargs.no_such=1"],
      "model.kwargs {'no_such': 1}: resnet20 got an unexpected keyword argument 'no_such'"),
     (["run", "quickstart", "--set", "model.kwargs.num_classes=3"], "model.kwargs.num_classes"),
+    (["run", "quickstart", "--set", 'model.remove=["layer1.1.conv7"]'],
+     "model.remove: layer1.1.conv7 is not a removal unit of CifarResNet; units: layer1.0.conv1,"),
+    (["run", "quickstart", "--set", "model.remove=/nonexistent/prune.json"],
+     "model.remove='/nonexistent/prune.json': not a readable prune.json"),
 ])
 def test_errors(tmp_path, capsys, argv, match):
     assert main([*argv, "--out", str(tmp_path / "r")]) == 2
@@ -399,3 +404,20 @@ def test_resume_removes_partial_files_of_a_killed_run(tmp_path):
     live.write_bytes(b"in progress")
     assert main(["-q", "train", "quickstart", "--out", str(out), "--resume", "--set", "train.epochs=0"]) == 0
     assert not any(f.exists() for f in stale) and live.exists()
+
+
+def test_a_pruned_architecture_trains_from_scratch(tmp_path):
+    """model.remove = a run's prune.json: the same architecture, new random weights, trained
+    by the whole pipeline (the control for a pruning result)."""
+    (tmp_path / "prune.json").write_text(json.dumps({"removed": ["layer1.1.conv1", "layer3.2.conv2"]}))
+    out = tmp_path / "scratch"
+    assert main(["-q", "run", "quickstart", "--out", str(out), *FAST, "--set", "train.l1=0",
+                 "--set", f"model.remove={tmp_path / 'prune.json'}"]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["model"]["remove"] == ["layer1.1.conv1", "layer3.2.conv2"]  # the names, not the path
+    model = rp.load(out / "sparse.pt")
+    units = {u.name for u in removal_units(model)}
+    # resnet20 has 16 units; layer3.2.conv2 gates its whole block, so layer3.2.conv1 goes with it
+    assert len(units) == 13 and not units & {"layer1.1.conv1", "layer3.2.conv1", "layer3.2.conv2"}
+    full = rp.create_model("resnet20", num_classes=10, in_chans=1)
+    assert rp.profile(model, (1, 1, 8, 8)).macs < rp.profile(full, (1, 1, 8, 8)).macs

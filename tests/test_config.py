@@ -48,6 +48,8 @@ def test_engine_override_drops_the_recipe_engines_options():
     ("engine=magic", "engine"),
     ("nproc=0", "nproc"),
     ("data.train_limit=0", "train_limit"),
+    ("model.remove=3", "model.remove must be a list of unit names or a prune.json path"),
+    ("model.remove=[1]", "model.remove must be a list"),
 ])
 def test_bad_overrides(item, match):
     with pytest.raises(RecipeError, match=match):

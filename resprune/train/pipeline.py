@@ -12,11 +12,12 @@ import logging
 import numpy as np
 import torch
 
-from ..config import Recipe
+from ..config import Recipe, RecipeError
 from ..data import ArrayDataset, DeviceLoader, load_arrays
 from ..data.shards import shard_indices
 from ..models import create_model
 from ..profile import profile
+from ..prune import removal_units, remove_units_
 from ..rundir import RunDir
 from .loop import resolve_precision
 
@@ -82,7 +83,21 @@ def build_model(recipe: Recipe, train_loader: DeviceLoader) -> torch.nn.Module:
     kw = dict(recipe.model.kwargs)
     if train_loader.in_chans != 3 and not recipe.model.name.startswith("tv_"):
         kw.setdefault("in_chans", train_loader.in_chans)
-    return create_model(recipe.model.name, num_classes=train_loader.num_classes, **kw)
+    model = create_model(recipe.model.name, num_classes=train_loader.num_classes, **kw)
+    return remove_named_units_(model, recipe.model.remove)
+
+
+def remove_named_units_(model: torch.nn.Module, names) -> torch.nn.Module:
+    """``model`` without the units ``model.remove`` names; a name that is not one of the
+    model's removal units is a :class:`RecipeError` that lists them."""
+    if not names:
+        return model
+    known = [u.name for u in removal_units(model)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RecipeError(f"model.remove: {', '.join(unknown)} {'is not a removal unit' if len(unknown) == 1 else 'are not removal units'} "
+                          f"of {type(model).__name__}; units: {', '.join(known)}")
+    return remove_units_(model, list(names))
 
 
 def engine_config(recipe: Recipe, input_size: tuple[int, ...] | None = None):
