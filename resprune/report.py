@@ -188,6 +188,8 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
         "removed_per_stage": prune.get("removed_per_stage", {}), "units_per_stage": dict(units),
         "max_removed_scale": prune.get("max_removed_scale"), "predicted_latency": prune.get("latency"),
         "prune_config": prune.get("config", {}), "scales": scales,
+        "removed_before_training": list((rec.get("model") or {}).get("remove") or []) if isinstance(rec.get("model"), dict) else [],
+        "l1": (rec.get("train") or {}).get("l1") if isinstance(rec.get("train"), dict) else None,
         "device": bench.get("device", {}), "bench_settings": bench.get("settings", {}),
         "hardware": metrics.get("hardware"),
         "engine": {k: (stages.get(k) or {}).get("engine") for k in ("sparse", "finetuned")
@@ -251,15 +253,19 @@ def _baseline_lines(r: dict) -> list[str]:
         return []
     what = (f"run `{base['name']}`, {base['epochs']} epochs, no L1, nothing pruned" if base["source"] == "run"
             else "given figure")
-    lines = ["", f"| | baseline ({what}) | pruned ({a['stage']}) | pruned − baseline |", "|---|---:|---:|---:|",
+    scratch = len(r.get("removed_before_training") or [])
+    this = f"{scratch} units removed before training, new weights" if scratch else "pruned"
+    lines = ["", f"| | baseline ({what}) | {this} ({a['stage']}) | this run − baseline |", "|---|---:|---:|---:|",
              f"| test accuracy (%) | {_f(base['final_acc'], '.2f')} | {_f(a['test_acc'], '.2f')} | "
              f"{_f(r['vs_baseline_pt'], '+.2f')} pt |"]
     if base["macs"]:
         lines.append(f"| MACs (M) | {base['macs'] / 1e6:.2f} | {_f(a['macs'] and a['macs'] / 1e6, '.2f')} | "
                      f"{_f(a['macs'] and 100 * (a['macs'] / base['macs'] - 1), '+.1f')}% |")
     if base["trained_acc"] is not None:
-        lines += ["", f"What L1 cost before pruning: sparse-trained {_f(b['test_acc'], '.2f')}% vs "
-                  f"{base['trained_acc']:.2f}% trained without L1 ({_f(r['l1_cost_pt'], '+.2f')} pt)."]
+        cost = ("What L1 cost" if not scratch else
+                "What the smaller architecture cost" if not r.get("l1") else "What the smaller architecture and L1 cost")
+        lines += ["", f"{cost} before pruning: {_f(b['test_acc'], '.2f')}% at the end of the sparse stage vs "
+                  f"{base['trained_acc']:.2f}% for the baseline at the same point ({_f(r['l1_cost_pt'], '+.2f')} pt)."]
     return lines
 
 
@@ -293,6 +299,9 @@ def _removed_lines(r: dict) -> list[str]:
     if r["removed"]:
         return ["", f"Removed {len(r['removed'])} units ({rule}; per stage removed/removable: {per}); "
                 f"largest removed |s| = {_f(r['max_removed_scale'], '.3g')}.", ""]
+    if r.get("removed_before_training"):
+        return ["", f"Nothing was removed by pruning ({rule}); {len(r['removed_before_training'])} units were "
+                "removed before training (model.remove): this run trained that architecture from new weights.", ""]
     return ["", f"Nothing was removed ({rule}). To remove layers, train with a larger L1 weight λ "
             "(train.l1) or for more epochs (train.epochs), or prune with a larger prune.threshold or a "
             "prune.target_macs budget.", ""]

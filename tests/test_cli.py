@@ -419,5 +419,7 @@ def test_a_pruned_architecture_trains_from_scratch(tmp_path):
     units = {u.name for u in removal_units(model)}
     # resnet20 has 16 units; layer3.2.conv2 gates its whole block, so layer3.2.conv1 goes with it
     assert len(units) == 13 and not units & {"layer1.1.conv1", "layer3.2.conv1", "layer3.2.conv2"}
+    report = (out / "report.md").read_text()
+    assert "2 units were removed before training (model.remove)" in report and "To remove layers" not in report
     full = rp.create_model("resnet20", num_classes=10, in_chans=1)
     assert rp.profile(model, (1, 1, 8, 8)).macs < rp.profile(full, (1, 1, 8, 8)).macs
