@@ -134,6 +134,11 @@ def _recipe(run_dir: Path) -> tuple[dict, str | None]:
         return {}, None
 
 
+def _section(rec: dict, key: str) -> dict:
+    """A section of ``recipe.json`` (``{}`` where it is missing or not a table)."""
+    return rec[key] if isinstance(rec.get(key), dict) else {}
+
+
 def _comparisons(before: dict, after: dict, base: dict | None) -> dict:
     """Ratios after/before, the accuracy change, and the differences to the baseline."""
     ratios = {k: (after[k] / before[k]) if before.get(k) and after.get(k) is not None else None
@@ -188,8 +193,8 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
         "removed_per_stage": prune.get("removed_per_stage", {}), "units_per_stage": dict(units),
         "max_removed_scale": prune.get("max_removed_scale"), "predicted_latency": prune.get("latency"),
         "prune_config": prune.get("config", {}), "scales": scales,
-        "removed_before_training": list((rec.get("model") or {}).get("remove") or []) if isinstance(rec.get("model"), dict) else [],
-        "l1": (rec.get("train") or {}).get("l1") if isinstance(rec.get("train"), dict) else None,
+        "removed_before_training": list(_section(rec, "model").get("remove") or []),
+        "l1": _section(rec, "train").get("l1"),
         "device": bench.get("device", {}), "bench_settings": bench.get("settings", {}),
         "hardware": metrics.get("hardware"),
         "engine": {k: (stages.get(k) or {}).get("engine") for k in ("sparse", "finetuned")

@@ -95,8 +95,9 @@ def remove_named_units_(model: torch.nn.Module, names) -> torch.nn.Module:
     known = [u.name for u in removal_units(model)]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise RecipeError(f"model.remove: {', '.join(unknown)} {'is not a removal unit' if len(unknown) == 1 else 'are not removal units'} "
-                          f"of {type(model).__name__}; units: {', '.join(known)}")
+        what = "is not a removal unit" if len(unknown) == 1 else "are not removal units"
+        raise RecipeError(f"model.remove: {', '.join(unknown)} {what} of {type(model).__name__}; "
+                          f"units: {', '.join(known)}")
     return remove_units_(model, list(names))
 
 
