@@ -185,13 +185,15 @@ def _resolve_recipe(args: argparse.Namespace):
         others = ", ".join(e for e in list_engines() if e != "serial")
         raise RecipeError(f"nproc={recipe.nproc} needs a layer-parallel engine (--engine mgrit); "
                           f"the serial engine trains in one process (layer-parallel engines: {others})")
-    _check_model_kwargs(recipe)
+    _check_model(recipe)
     return recipe
 
 
-def _check_model_kwargs(recipe) -> None:
-    """Build the recipe's model without memory (meta device) so that a bad ``model.kwargs``
-    key or value is a recipe error before any file or process exists."""
+def _check_model(recipe) -> None:
+    """Build the recipe's model so that a bad ``model.kwargs`` key or value, or a
+    ``model.remove`` name that is not a unit, is a recipe error before any file or process
+    exists. Without memory (meta device) unless units are removed: their names are read off
+    real layer scales."""
     import torch
 
     from .config import RecipeError
@@ -201,16 +203,14 @@ def _check_model_kwargs(recipe) -> None:
     if "num_classes" in recipe.model.kwargs:
         raise RecipeError("model.kwargs.num_classes: the number of classes comes from the data set; remove it")
     try:
-        with torch.device("meta"):
-            create_model(recipe.model.name, **{"num_classes": 10, **recipe.model.kwargs})
+        with torch.device("cpu" if recipe.model.remove else "meta"):
+            model = create_model(recipe.model.name, **{"num_classes": 10, **recipe.model.kwargs})
     except TypeError as exc:
         why = re.sub(r"^[\w.<>]+\(\)\s*", "", str(exc))  # "factory() got an unexpected ..." → "got an ..."
         raise RecipeError(f"model.kwargs {recipe.model.kwargs}: {recipe.model.name} {why}") from exc
     except Exception:  # anything else surfaces when the real model is built
         return
-    if recipe.model.remove:  # unknown unit names: a RecipeError now (units are read off a real model)
-        remove_named_units_(create_model(recipe.model.name, **{"num_classes": 10, **recipe.model.kwargs}),
-                            recipe.model.remove)
+    remove_named_units_(model, recipe.model.remove)
 
 
 def _prepare_run_dir(args: argparse.Namespace, recipe):
