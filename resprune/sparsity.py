@@ -49,6 +49,41 @@ class LayerScaleL1(nn.Module):
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         return self.lam * torch.stack([s.abs() for s in scales]).sum()
 
+    @torch.no_grad()
+    def prox_(self, model: nn.Module | list[torch.Tensor], optimizer: torch.optim.Optimizer, *,
+              reset_momentum: bool = False) -> None:
+        """The proximal (soft-threshold) step of ``λ·Σ|s|``: call it right after
+        ``optimizer.step()``, instead of adding this term to the loss. Each removable scale
+        becomes ``sign(s)·max(|s| − lr·λ/(1−β), 0)`` with the ``lr`` and momentum ``β`` of its
+        parameter group (the ``1/(1−β)`` is the step a constant gradient ``λ`` takes under
+        momentum, so ``λ`` means the same as in the loss). Scales whose task gradient stays
+        below ``λ`` reach exactly 0, so removing their layers changes nothing.
+
+        ``model``: the model (its removable scales) or a list of scale tensors.
+        ``reset_momentum``: clear the momentum buffer of every scale at 0, so that momentum
+        gathered on the way down cannot revive it (only a task gradient above ``λ`` can).
+
+        Example (your own loop)::
+
+            reg = rp.LayerScaleL1(1e-3)
+            for x, y in loader:
+                opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+                reg.prox_(model, opt)
+        """
+        scales = [m.scale for _, m in removable_scales(model)] if isinstance(model, nn.Module) else list(model)
+        group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for s in scales:
+            g = group.get(id(s))
+            if g is None:
+                raise ValueError("prox_: a layer scale is not among the optimizer's parameters")
+            beta = g.get("momentum", 0.0) or 0.0
+            if self.lam > 0:
+                shrink = g["lr"] * self.lam / (1.0 - beta)
+                s.copy_(torch.sign(s) * (s.abs() - shrink).clamp_min(0.0))
+            buf = optimizer.state.get(s, {}).get("momentum_buffer") if reset_momentum else None
+            if buf is not None:  # without a device sync: multiply by (s != 0)
+                buf.mul_((s != 0).to(buf.dtype))
+
 
 def _layers_in_order(model: nn.Module) -> list[nn.Module]:
     if hasattr(model, "layer_sequence"):

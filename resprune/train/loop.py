@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,8 @@ from ..data import DeviceLoader
 from ..parallel.engines import load_optimizer_state_by_name, optimizer_state_by_name
 from ..serialization import CheckpointError, atomic_save, model_from_payload, model_payload
 from ..sparsity import LayerScaleL1, LayerSmoothness, removable_scales, scale_stats
+from .distill import distill_loss
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,11 @@ def param_groups(
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The lr factor of each step: warm-up then cosine/step/constant; with ``rewind_of`` the
+    last ``epochs`` epochs of a ``rewind_of``-epoch cosine schedule (learning-rate rewinding)."""
+    if cfg.rewind_of:
+        span, offset = cfg.rewind_of * steps_per_epoch, (cfg.rewind_of - cfg.epochs) * steps_per_epoch
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step + offset) / span)))
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -170,26 +176,6 @@ def evaluate(
     return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
 
 
-class _Progress:
-    """tqdm bar on a terminal; nothing per step otherwise (the epoch row is logged)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def update(self, loss: float, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(done - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Trainer:
     """Train ``model`` on ``train_loader``; evaluate on ``test_loader`` after every epoch.
 
@@ -203,6 +189,8 @@ class Trainer:
             the recipe's, :data:`resprune.config.DEFAULT_THRESHOLD`).
         engine: a layer-parallel engine (``resprune.parallel``); None trains serially.
         log: where per-epoch rows go (default: ``logger.info``).
+        teacher: the model to distil from when ``cfg.distill > 0`` (serial training only): it
+            sees the same augmented batch as the student, in eval mode, without gradient.
     """
 
     def __init__(
@@ -216,6 +204,7 @@ class Trainer:
         threshold: float = DEFAULT_THRESHOLD,
         engine: Any = None,
         log: Callable[[str], None] | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.cfg, self.stage, self.threshold, self.engine = cfg, stage, threshold, engine
         self.device = train_loader.device
@@ -230,6 +219,11 @@ class Trainer:
         self.is_main = engine is None or engine.rank == 0
         self.log = log or logger.info
         self.l1 = LayerScaleL1(cfg.l1)
+        if cfg.distill > 0 and (teacher is None or engine is not None):
+            raise ValueError("distill > 0 needs a teacher model and serial training (no engine)")
+        self.teacher = teacher.to(self.device).eval() if teacher is not None and cfg.distill > 0 else None
+        if self.teacher is not None and self.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.prox_scales = [m.scale for _, m in removable_scales(self.model)] if cfg.l1_mode == "prox" else []
         if engine is not None:  # only the scales this rank owns
             owned = {id(p) for _, p in engine.local_named_parameters()}
@@ -384,13 +378,24 @@ class Trainer:
             tb.flush()
 
     # ------------------------------------------------------------------ training
+    def _ramp_l1(self) -> None:
+        """λ of this step: ``l1`` times the fraction of ``l1_warmup_epochs`` done so far."""
+        warm = self.cfg.l1_warmup_epochs * len(self.train_loader)
+        done = self.scheduler.last_epoch  # steps taken
+        self.l1.lam = self.cfg.l1 * (min(1.0, (done + 1) / warm) if warm > 0 else 1.0)
+
     def _prox(self) -> None:
-        if not self.prox_scales or self.cfg.l1 == 0:
-            return
-        shrink = self.optimizer.param_groups[0]["lr"] * self.cfg.l1 / (1.0 - self.cfg.momentum)
+        if self.prox_scales and self.cfg.l1 > 0:
+            self.l1.prox_(self.prox_scales, self.optimizer, reset_momentum=self.cfg.l1_reset_momentum)
+
+    def _loss(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross entropy (label smoothing), blended with distillation from the teacher."""
+        ce = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+        if self.teacher is None:
+            return ce
         with torch.no_grad():
-            for s in self.prox_scales:
-                s.copy_(torch.sign(s) * (s.abs() - shrink).clamp_min(0.0))
+            target = self.teacher(x).float()
+        return distill_loss(out.float(), target, ce, self.cfg.distill, self.cfg.distill_temperature)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor,
               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -399,11 +404,13 @@ class Trainer:
         if self.engine is not None:
             value = self.engine.step(x, y) if index is None else self.engine.step(x, y, index=index)
             loss = torch.tensor(float(value))
+            self._ramp_l1()
             self._prox()
             return loss, None
+        self._ramp_l1()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.forward(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+            loss = self._loss(out, x, y)
         penalty = self.l1(self.model)
         if self.cfg.smooth > 0:  # γ·Σ‖θₙ₊₁ − θₙ‖² across consecutive layers (always in the loss)
             loss = loss + LayerSmoothness(self.cfg.smooth)(self.model)
@@ -427,7 +434,7 @@ class Trainer:
         for epoch in range(self.start_epoch + 1, self.cfg.epochs + 1):
             t0 = time.perf_counter()
             (self.engine or self.model).train()
-            bar = _Progress(len(self.train_loader), f"{self.stage} {epoch}/{self.cfg.epochs}", self.is_main)
+            bar = Progress(len(self.train_loader), f"{self.stage} {epoch}/{self.cfg.epochs}", self.is_main)
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), device=self.device, dtype=torch.long)
             n, steps = 0, len(self.train_loader)
