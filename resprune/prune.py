@@ -15,8 +15,12 @@ Selection:
 * ``threshold``: every unit with ``|s| < threshold``.
 * ``target_macs``: a float in (0, 1] keeps at most that fraction of the model's conv+linear
   MACs; an int is an absolute MACs budget. Units are removed greedily in increasing order of
-  importance until the budget is met. Importance (``rank``) is ``|s|`` by default, or
-  ``|s| / MACs`` of the unit (``rank="scale_per_mac"``), which prefers expensive layers.
+  importance until the budget is met. Importance (``rank``) is ``|s|`` by default;
+  ``"gain"``: the RMS of the scaled branch's output, ``|s|·√mean_c(γ_c² + β_c²)`` of its
+  BatchNorm (what ``|s|`` alone misses: weight decay shrinks ``γ`` and ``β``, not ``s``);
+  ``"taylor"``: the first-order (Taylor) estimate of the loss change when ``s`` goes to 0,
+  ``mean_b (s·∂L_b/∂s)²`` over data batches (:func:`taylor_scores`, passed as ``scores``);
+  or ``|s| / MACs`` of the unit (``rank="scale_per_mac"``), which prefers expensive layers.
 * ``target_latency_ms`` with ``latency_table`` (a table made on the target device by
   ``export/latency_table.py``, see :mod:`resprune.latency`): the same greedy removal until
   the *predicted* latency at the table's batch size is at most the target; ``rank`` may
@@ -51,21 +55,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ResPruneError
 from .layers import ConvBN2d, ResConv2d
 from .models.arch import ArchRecord
 from .latency import LatencyTable, layer_signatures
+from .importance import PruneError, gain as _gain, taylor_scores
 from .profile import DEFAULT_INPUT_SIZE, profile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PruneConfig", "PruneError", "PruneReport", "RemovalUnit", "RemovedLayer", "removal_units", "prune_", "remove_units_"]
+__all__ = ["PruneConfig", "PruneError", "PruneReport", "RemovalUnit", "RemovedLayer", "removal_units", "prune_",
+           "remove_units_", "taylor_scores", "recalibrate_bn_"]
 
-RANKS = ("scale", "scale_per_mac", "scale_per_ms")
-
-
-class PruneError(ResPruneError, ValueError):
-    """A pruning request that cannot be met or makes no sense; nothing was removed."""
+RANKS = ("scale", "gain", "taylor", "scale_per_mac", "scale_per_ms")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class PruneConfig:
         latency_table: path of a table from ``export/latency_table.py`` (needed by
             ``target_latency_ms`` and ``rank="scale_per_ms"``; with any rule, the report
             gains the predicted latency).
-        rank: importance for budget mode: ``"scale"`` (|s|), ``"scale_per_mac"`` or ``"scale_per_ms"``.
+        rank: importance for budget mode: ``"scale"`` (|s|), ``"gain"``, ``"taylor"`` (needs
+            ``scores`` from :func:`taylor_scores`), ``"scale_per_mac"`` or ``"scale_per_ms"``.
         min_layers_per_stage: convolutions every stage must keep.
         input_size: input shape used to count MACs.
     """
@@ -142,6 +144,8 @@ class RemovalUnit:
     stage: str
     macs: int = 0
     ms: float = 0.0  # predicted latency the unit saves (with a latency table)
+    gain: float = 0.0  # |s|·RMS of its BatchNorm's (γ, β): the scaled branch's output RMS
+    taylor: float | None = None  # first-order loss change when s → 0 (rank="taylor"; taylor_scores)
 
 
 NOTHING_REMOVED_HINT = ("To remove layers, train with a larger L1 weight λ (train.l1) or for more epochs "
@@ -227,15 +231,44 @@ def removal_units(model: nn.Module) -> list[RemovalUnit]:
         if not isinstance(m, ResConv2d) or not m.removable:
             continue
         stage = name.split(".")[0]
+        scale, gain = float(m.scale.detach()), _gain(m)
         if m.shortcut:
-            units.append(RemovalUnit(name, float(m.scale.detach()), [name], stage))
+            units.append(RemovalUnit(name, scale, [name], stage, gain=gain))
             continue
         pname = name.rpartition(".")[0]
         parent = model.get_submodule(pname)
         if not hasattr(parent, "without_branch") or not pname:
             continue  # a gate outside a known block cannot be removed on its own
-        units.append(RemovalUnit(name, float(m.scale.detach()), _conv_layers(parent, pname), stage))
+        units.append(RemovalUnit(name, scale, _conv_layers(parent, pname), stage, gain=gain))
     return units
+
+
+@torch.no_grad()
+def recalibrate_bn_(model: nn.Module, batches, forward=None) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics from ``batches`` of inputs (a
+    cumulative average over all of them, no gradient, parameters untouched), in place: after
+    pruning, the layers that remain see other inputs than those their statistics were
+    gathered on. ``forward(x)``: how to run the model (default ``model(x)``)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in bns:
+        m.train()
+    try:
+        for x in batches:
+            (forward or model)(x)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        for m, t in modes.items():
+            m.training = t
+    return model
 
 
 def remove_units_(model: nn.Module, names: list[str]) -> nn.Module:
@@ -294,8 +327,9 @@ def _check_stages(units: list[RemovalUnit], chosen: list[RemovalUnit], layers: d
             )
 
 
-def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
+def prune_(model: nn.Module, config: PruneConfig, scores: dict[str, float] | None = None) -> PruneReport:
     """Remove layers of ``model`` in place according to ``config``; return a report.
+    ``scores``: importance per unit name for ``rank="taylor"`` (:func:`taylor_scores`).
 
     Removal is exact when the removed scales are 0 (their layers then compute the identity
     on post-ReLU inputs); otherwise the output changes by terms of order ``|s|``, and the
@@ -306,6 +340,13 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
     layers = {l: sum(v for k, v in leaf_macs.items() if k == l or k.startswith(l + "."))
               for l in _conv_layers(model, "")}
     units = removal_units(model)
+    if config.rank == "taylor" and config.threshold is None:
+        missing = [u.name for u in units if u.name not in (scores or {})]
+        if missing:
+            raise PruneError(f"rank='taylor' needs scores= for every unit (taylor_scores(model, batches)); "
+                             f"{len(missing)} missing, e.g. {missing[0]}")
+    for u in units:
+        u.taylor = (scores or {}).get(u.name)
     table = LatencyTable.load(config.latency_table) if config.latency_table else None
     sigs = layer_signatures(model, config.input_size) if table else {}
     lat_ms, lat_bytes = (table.layer_ms(sigs), table.layer_bytes(sigs)) if table else ({}, {})
@@ -352,6 +393,10 @@ def prune_(model: nn.Module, config: PruneConfig) -> PruneReport:
 
 def _order(units: list[RemovalUnit], rank: str) -> list[RemovalUnit]:
     """Least important first."""
+    if rank == "gain":
+        return sorted(units, key=lambda u: u.gain)
+    if rank == "taylor":
+        return sorted(units, key=lambda u: u.taylor)
     if rank == "scale_per_mac":
         return sorted(units, key=lambda u: abs(u.scale) / max(u.macs, 1))
     if rank == "scale_per_ms":
@@ -405,7 +450,7 @@ def _latency_report(table: LatencyTable, lat_ms: dict, lat_bytes: dict, units, c
     kept_bytes = {l: v for l, v in lat_bytes.items() if l not in gone}
     total = _predictor(table, lat_ms, lat_bytes)
     candidates = {}
-    for rank in RANKS:
+    for rank in (r for r in RANKS if r != "taylor" or all(u.taylor is not None for u in units)):
         m, off, path = macs, set(), [[macs, total(set())]]
         for _u, new in _removals(_order(units, rank), layers, config.min_layers_per_stage):
             m -= sum(layers[l] for l in new)

@@ -59,8 +59,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..prune import recalibrate_bn_
 from ..serialization import CheckpointError
 from .comm import Comm, SingleComm
 
@@ -236,27 +236,10 @@ class Engine:
     def _exact_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    @torch.no_grad()
     def recalibrate_bn(self, batches) -> None:
         """Re-estimate every BatchNorm's running statistics from exact forward passes over
         ``batches`` (inputs only; cumulative average), collectively. Parameters are untouched."""
-        bns = [m for m in self.model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        modes = {m: m.training for m in self.model.modules()}
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        self.model.eval()
-        for m in bns:
-            m.train()
-        try:
-            for x in batches:
-                self._exact_forward(x)
-        finally:
-            for m, mom in zip(bns, momenta):
-                m.momentum = mom
-            for m, t in modes.items():
-                m.training = t
+        recalibrate_bn_(self.model, batches, forward=self._exact_forward)
 
     def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exact logits in eval mode, on every rank (collective)."""
