@@ -197,20 +197,29 @@ def _check_model(recipe) -> None:
     import torch
 
     from .config import RecipeError
+    from .data.sources import IN_CHANS, NUM_CLASSES
     from .models import create_model
-    from .train.pipeline import remove_named_units_
+    from .train.pipeline import init_model_, remove_named_units_
 
     if "num_classes" in recipe.model.kwargs:
         raise RecipeError("model.kwargs.num_classes: the number of classes comes from the data set; remove it")
+    classes = NUM_CLASSES.get(recipe.data.dataset)
+    init = recipe.model.init and classes is not None  # checked here when the class count is known
     try:
-        with torch.device("cpu" if recipe.model.remove else "meta"):
-            model = create_model(recipe.model.name, **{"num_classes": 10, **recipe.model.kwargs})
+        with torch.device("cpu" if recipe.model.remove or init else "meta"):
+            kw = {"num_classes": classes or 10, **recipe.model.kwargs}
+            if IN_CHANS.get(recipe.data.dataset, 3) != 3 and not recipe.model.name.startswith("tv_"):
+                kw.setdefault("in_chans", IN_CHANS[recipe.data.dataset])  # as build_model does
+            model = create_model(recipe.model.name, **kw)
     except TypeError as exc:
         why = re.sub(r"^[\w.<>]+\(\)\s*", "", str(exc))  # "factory() got an unexpected ..." → "got an ..."
         raise RecipeError(f"model.kwargs {recipe.model.kwargs}: {recipe.model.name} {why}") from exc
     except Exception:  # anything else surfaces when the real model is built
         return
-    remove_named_units_(model, recipe.model.remove)
+    if init:
+        init_model_(model, recipe.model)
+    else:
+        remove_named_units_(model, recipe.model.remove)
 
 
 def _prepare_run_dir(args: argparse.Namespace, recipe):

@@ -52,12 +52,17 @@ class ModelConfig:
     # units removed before training: a pruned architecture trained from scratch (the control
     # for a pruning result). Unit names, or the path of a run's prune.json (its "removed" list).
     remove: tuple = ()
+    # start from trained weights (prune a trained net): a .safetensors file, a .pt state dict or
+    # resprune checkpoint, or a run directory (its sparse.pt); checked against the architecture
+    init: str | None = None
 
     def __post_init__(self) -> None:
         from .models import is_model, list_models
 
         if not is_model(self.name):
             raise RecipeError(f"model.name={self.name!r} is not registered; known: {', '.join(list_models())}")
+        if self.init is not None and (not isinstance(self.init, str) or not Path(self.init).exists()):
+            raise RecipeError(f"model.init={self.init!r}: no such weights file or run directory")
         remove = self.remove
         if isinstance(remove, str):
             try:
@@ -111,6 +116,12 @@ class TrainConfig:
     label_smoothing: float = 0.0
     l1: float = 0.0  # λ of the L1 penalty on removable layer scales
     l1_mode: str = "prox"  # prox: soft-threshold after each step (exact zeros) | subgradient: in the loss
+    l1_warmup_epochs: float = 0.0  # λ ramps linearly from 0 to l1 over these epochs (0: full λ from step 1)
+    l1_reset_momentum: bool = False  # prox: clear the momentum of scales at 0, so momentum cannot revive them
+    distill: float = 0.0  # weight α of knowledge distillation: (1−α)·CE + α·T²·KL(teacher ‖ student)
+    distill_temperature: float = 4.0  # T of the distillation term
+    teacher: str = "sparse"  # with distill > 0: "sparse" (this run's unpruned sparse.pt) | "init" (model.init)
+    rewind_of: int = 0  # LR rewinding: lr follows the last `epochs` epochs of a cosine schedule of this many
     smooth: float = 0.0  # γ of the smoothness penalty γ·Σ‖θₙ₊₁ − θₙ‖² across consecutive layers
     bf16: bool | str = "auto"  # bf16 autocast: auto = on CUDA and on CPUs with native bf16
     channels_last: bool | str = "auto"  # auto = wherever bf16 autocast is on
@@ -131,6 +142,19 @@ class TrainConfig:
             raise RecipeError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
         if self.label_smoothing >= 1:
             raise RecipeError("label_smoothing must be < 1")
+        _positive("l1_warmup_epochs", self.l1_warmup_epochs, allow_zero=True)
+        _positive("distill_temperature", self.distill_temperature)
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0 <= self.distill <= 1:
+            raise RecipeError(f"distill must be a weight in [0, 1], got {self.distill!r}")
+        if self.teacher not in ("sparse", "init"):
+            raise RecipeError(f"teacher must be \"sparse\" (the run's unpruned sparse.pt) or \"init\" (model.init's "
+                              f"weights), got {self.teacher!r}")
+        if isinstance(self.rewind_of, bool) or not isinstance(self.rewind_of, int) or self.rewind_of < 0:
+            raise RecipeError(f"rewind_of must be an int >= 0 (0: off), got {self.rewind_of!r}")
+        if self.rewind_of and (self.rewind_of < self.epochs or self.schedule != "cosine" or self.warmup_epochs):
+            raise RecipeError(f"rewind_of={self.rewind_of} rewinds a cosine schedule without warm-up to its last "
+                              f"{self.epochs} epochs: it needs schedule = \"cosine\", warmup_epochs = 0 and "
+                              f"rewind_of >= epochs")
         for k in ("bf16", "channels_last"):
             if getattr(self, k) not in (True, False, "auto"):
                 raise RecipeError(f"{k} must be true, false or \"auto\", got {getattr(self, k)!r}")
@@ -151,6 +175,8 @@ class PruneStageConfig:
     latency_table: str | None = None
     rank: str = "scale"
     min_layers_per_stage: int = 1
+    recalibrate_batches: int = 0  # re-estimate BatchNorm statistics on this many training batches after removal
+    taylor_batches: int = 16  # training batches (no augmentation) that rank = "taylor" averages over
 
     @property
     def report_threshold(self) -> float:
@@ -169,6 +195,10 @@ class PruneStageConfig:
                            rank=self.rank, min_layers_per_stage=self.min_layers_per_stage, **size)
 
     def __post_init__(self) -> None:
+        for k in ("recalibrate_batches", "taylor_batches"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "recalibrate_batches" else 1):
+                raise RecipeError(f"prune.{k} must be an int >= {0 if k == 'recalibrate_batches' else 1}, got {v!r}")
         try:
             self.to_prune_config()
         except ValueError as exc:
@@ -274,7 +304,25 @@ def recipe_from_dict(d: dict) -> Recipe:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise RecipeError(f"nproc must be an int >= 1, got {nproc!r}")
     _check_engine(kw.get("engine", "serial"), kw.get("engine_options", {}))
-    return Recipe(**kw)
+    recipe = Recipe(**kw)
+    _check_teacher(recipe)
+    return recipe
+
+
+def _check_teacher(recipe: Recipe) -> None:
+    """Distillation needs a teacher that exists by then: ``model.init`` for ``"init"``; the
+    run's own ``sparse.pt`` (``"sparse"``) only once training has made it, i.e. in [finetune]."""
+    for sec in ("train", "finetune"):
+        t = getattr(recipe, sec)
+        if t.distill <= 0:
+            continue
+        if recipe.engine != "serial":
+            raise RecipeError(f"{sec}.distill: distillation trains serially only, not with engine={recipe.engine!r}")
+        if t.teacher == "init" and recipe.model.init is None:
+            raise RecipeError(f"{sec}.teacher = \"init\" distils from model.init's weights, but model.init is not set")
+        if t.teacher == "sparse" and sec == "train":
+            raise RecipeError("train.teacher = \"sparse\" would distil from the model being trained; use "
+                              "\"init\" (model.init's weights) or distil in [finetune]")
 
 
 def _check_engine(name: Any, options: Any) -> None:

@@ -56,7 +56,7 @@ from .version import __version__
 __all__ = [
     "save", "load", "load_payload", "model_payload", "model_from_payload", "atomic_save",
     "build_from_arch", "CheckpointError", "FORMAT", "torch_load_plain", "remove_stale_temp",
-    "save_program", "load_program", "check_program",
+    "save_program", "load_program", "check_program", "save_weights", "read_weights", "load_weights_",
 ]
 
 FORMAT = "resprune-model"
@@ -256,18 +256,72 @@ def model_from_payload(payload: dict, path: Any = "<payload>", map_location: Any
     floats = [v.dtype for v in sd.values() if v.is_floating_point()]
     if floats:
         model.to(floats[0])
+    _load_strict(model, sd, f"{path}: weights do not match the recorded architecture")
+    return model.to(map_location)
+
+
+def _load_strict(model: nn.Module, sd: dict, what: str) -> None:
+    """``model.load_state_dict(sd, strict=True)``, or a :class:`CheckpointError` that starts
+    with ``what`` and counts the missing, unexpected and reshaped entries, naming one of each."""
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     reshaped = sorted(k for k in set(want) & set(sd) if want[k].shape != sd[k].shape)
     if missing or unexpected or reshaped:
-        parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in ((missing, "missing"), (unexpected, "unexpected"),
-                                                               (reshaped, "of another shape")) if v]
-        raise CheckpointError(f"{path}: weights do not match the recorded architecture: {', '.join(parts)}")
+        parts = [f"{len(v)} {kind} (e.g. {v[0]})" for v, kind in ((missing, "missing"), (unexpected, "unexpected"))
+                 if v]
+        if reshaped:
+            k = reshaped[0]
+            parts.append(f"{len(reshaped)} of another shape (e.g. {k}: {list(sd[k].shape)} in the file, "
+                         f"{list(want[k].shape)} in the model)")
+        raise CheckpointError(f"{what}: {', '.join(parts)}")
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the recorded architecture: {exc}") from exc
-    return model.to(map_location)
+        raise CheckpointError(f"{what}: {exc}") from exc
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """The model's state dict as a ``.safetensors`` file (tensors only: no code, no pickle),
+    written atomically; ``metadata``: strings stored in its header (e.g. accuracy, recipe)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: a ``.safetensors`` file, a resprune checkpoint (its weights),
+    a plain state dict saved with ``torch.save`` (read with ``weights_only``), or a run
+    directory (its ``sparse.pt``: the trained, unpruned model)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "sparse.pt"
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such weights file")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{p}: not a readable safetensors file: {exc}") from exc
+    obj = torch_load_plain(p)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj.get("state_dict")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{p}: holds no state dict (a dict of tensors)")
+    return obj
+
+
+def load_weights_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights in ``path`` (see :func:`read_weights`) into ``model``, strictly: a file
+    for another architecture or another number of classes is a :class:`CheckpointError` that
+    names what differs. Returns ``model``."""
+    sd = read_weights(path)
+    _load_strict(model, sd, f"{path}: weights do not fit {type(model).__name__}")
+    return model
 
 
 # ----------------------------------------------------------------------------- programs

@@ -61,6 +61,7 @@ __all__ = ["ArrayDataset", "DatasetNotFound", "DataError", "load_arrays", "check
 DATASETS = ("cifar10", "cifar100", "mnist", "imagefolder", "digits")
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "digits": 10}  # of the named data sets
+IN_CHANS = {"cifar10": 3, "cifar100": 3, "mnist": 1, "digits": 1}  # image channels of the named data sets
 
 
 class DatasetNotFound(ResPruneError, FileNotFoundError):

@@ -12,7 +12,7 @@ from ..config import Recipe
 from ..rundir import RunDir, RunDirError, stage_config
 from ..serialization import load_payload, model_from_payload, save
 from ..train.loop import Trainer, select_device
-from ..train.pipeline import _loaders, engine_info, loader_input_size, model_stats, rank, skip
+from ..train.pipeline import _loaders, engine_info, loader_input_size, model_stats, rank, skip, teacher_model
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False, engine_fac
     engine = engine_factory(model, recipe, size, train_cfg=recipe.finetune) if engine_factory else None
     rebalance = _repartition(engine, run) if engine is not None else None
     trainer = Trainer(model, train_l, test_l, recipe.finetune, run.path, "finetune",
-                      threshold=recipe.prune.report_threshold, engine=engine)
+                      threshold=recipe.prune.report_threshold, engine=engine,
+                      teacher=teacher_model(recipe, recipe.finetune, run, train_l))
     hist = trainer.fit(resume=resume)
     if engine is not None:
         trainer.gather_model()
@@ -79,7 +80,8 @@ def stage_finetune(recipe: Recipe, run: RunDir, resume: bool = False, engine_fac
               "wall_s": time.perf_counter() - t0, "history": [asdict(h) for h in hist], **model_stats(model, size)}
     if engine is not None:
         values["engine"] = {**engine_info(recipe, engine), "repartition": rebalance}
-    with run.writing("finetune", config, inputs=["pruned.pt"]):
+    teacher = ["sparse.pt"] if recipe.finetune.distill > 0 and recipe.finetune.teacher == "sparse" else []
+    with run.writing("finetune", config, inputs=["pruned.pt", *teacher]):
         save(model, run / "finetuned.pt", extra={"metrics": {k: v for k, v in values.items() if k != "history"},
                                                  "input_size": list(size)})
         run.update_metrics("finetuned", values)

@@ -11,7 +11,7 @@ from ..config import Recipe
 from ..rundir import RunDir, stage_config
 from ..serialization import save
 from ..train.loop import Trainer, evaluate, select_device
-from ..train.pipeline import _loaders, build_model, engine_info, loader_input_size, model_stats, skip
+from ..train.pipeline import _loaders, build_model, engine_info, loader_input_size, model_stats, skip, teacher_model
 
 __all__ = ["stage_train"]
 
@@ -33,7 +33,8 @@ def stage_train(recipe: Recipe, run: RunDir, resume: bool = False, engine_factor
     engine = engine_factory(model, recipe, size) if engine_factory else None
     t0 = time.perf_counter()
     trainer = Trainer(model, train_l, test_l, recipe.train, run.path, "sparse",
-                      threshold=recipe.prune.report_threshold, engine=engine)
+                      threshold=recipe.prune.report_threshold, engine=engine,
+                      teacher=teacher_model(recipe, recipe.train, run, train_l))
     hist = trainer.fit(resume=resume)
     if engine is not None:
         trainer.gather_model()  # collective: the full weights on rank 0

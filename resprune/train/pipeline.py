@@ -24,7 +24,7 @@ from .loop import resolve_precision
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "loader_input_size", "deploy_info", "model_stats", "build_model", "engine_config", "make_engine", "engine_info",
+    "loader_input_size", "deploy_info", "model_stats", "build_model", "init_model_", "teacher_model", "engine_config", "make_engine", "engine_info",
     "barrier", "rank", "world_size", "agree", "skip",
 ]
 
@@ -79,12 +79,47 @@ def model_stats(model: torch.nn.Module, input_size) -> dict:
     return {"macs": p.macs, "params": p.params}
 
 
-def build_model(recipe: Recipe, train_loader: DeviceLoader) -> torch.nn.Module:
+def _fresh_model(recipe: Recipe, loader: DeviceLoader) -> torch.nn.Module:
+    """The recipe's model for the loader's channels and classes, newly initialised."""
     kw = dict(recipe.model.kwargs)
-    if train_loader.in_chans != 3 and not recipe.model.name.startswith("tv_"):
-        kw.setdefault("in_chans", train_loader.in_chans)
-    model = create_model(recipe.model.name, num_classes=train_loader.num_classes, **kw)
-    return remove_named_units_(model, recipe.model.remove)
+    if loader.in_chans != 3 and not recipe.model.name.startswith("tv_"):
+        kw.setdefault("in_chans", loader.in_chans)
+    return create_model(recipe.model.name, num_classes=loader.num_classes, **kw)
+
+
+def build_model(recipe: Recipe, train_loader: DeviceLoader) -> torch.nn.Module:
+    """The recipe's model with ``model.init`` and ``model.remove`` applied."""
+    return init_model_(_fresh_model(recipe, train_loader), recipe.model)
+
+
+def init_model_(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """``model`` with ``model.init``'s trained weights, then without the units ``model.remove``
+    names (``cfg``: the recipe's :class:`~resprune.config.ModelConfig`); weights that do not
+    fit the architecture are a :class:`RecipeError` naming what differs."""
+    from ..serialization import CheckpointError, load_weights_
+
+    if cfg.init:
+        try:
+            load_weights_(model, cfg.init)
+        except CheckpointError as exc:
+            raise RecipeError(f"model.init: {exc}") from exc
+    return remove_named_units_(model, cfg.remove)
+
+
+def teacher_model(recipe: Recipe, cfg, run: RunDir, loader: DeviceLoader) -> torch.nn.Module | None:
+    """The model a stage with ``cfg`` (``recipe.train`` or ``recipe.finetune``) distils from:
+    ``None`` without distillation, the run's unpruned ``sparse.pt`` (``teacher = "sparse"``)
+    or the recipe's model with ``model.init``'s weights and nothing removed (``"init"``)."""
+    from ..serialization import CheckpointError, load, load_weights_
+
+    if cfg.distill <= 0:
+        return None
+    if cfg.teacher == "sparse":
+        return load(run.need("sparse.pt", "finetune"))
+    try:
+        return load_weights_(_fresh_model(recipe, loader), recipe.model.init)
+    except CheckpointError as exc:
+        raise RecipeError(f"model.init (the teacher): {exc}") from exc
 
 
 def remove_named_units_(model: torch.nn.Module, names) -> torch.nn.Module:
