@@ -339,14 +339,7 @@ def prune_(model: nn.Module, config: PruneConfig, scores: dict[str, float] | Non
     leaf_macs = {r.name: r.macs for r in before.layers}
     layers = {l: sum(v for k, v in leaf_macs.items() if k == l or k.startswith(l + "."))
               for l in _conv_layers(model, "")}
-    units = removal_units(model)
-    if config.rank == "taylor" and config.threshold is None:
-        missing = [u.name for u in units if u.name not in (scores or {})]
-        if missing:
-            raise PruneError(f"rank='taylor' needs scores= for every unit (taylor_scores(model, batches)); "
-                             f"{len(missing)} missing, e.g. {missing[0]}")
-    for u in units:
-        u.taylor = (scores or {}).get(u.name)
+    units = _with_scores(removal_units(model), config, scores)
     table = LatencyTable.load(config.latency_table) if config.latency_table else None
     sigs = layer_signatures(model, config.input_size) if table else {}
     lat_ms, lat_bytes = (table.layer_ms(sigs), table.layer_bytes(sigs)) if table else ({}, {})
@@ -389,6 +382,18 @@ def prune_(model: nn.Module, config: PruneConfig, scores: dict[str, float] | Non
     )
     logger.debug("prune_: %s", report.summary())  # callers report it (the prune stage once, with accuracy)
     return report
+
+
+def _with_scores(units: list[RemovalUnit], config: PruneConfig, scores: dict[str, float] | None) -> list[RemovalUnit]:
+    """``units`` with their Taylor scores; every unit needs one when the budget ranks by them."""
+    if config.rank == "taylor" and config.threshold is None:
+        missing = [u.name for u in units if u.name not in (scores or {})]
+        if missing:
+            raise PruneError(f"rank='taylor' needs scores= for every unit (taylor_scores(model, batches)); "
+                             f"{len(missing)} missing, e.g. {missing[0]}")
+    for u in units:
+        u.taylor = (scores or {}).get(u.name)
+    return units
 
 
 def _order(units: list[RemovalUnit], rank: str) -> list[RemovalUnit]:
