@@ -365,14 +365,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     run = RunDir(args.run_dir)
     saved = run.recipe()
-    recipe = apply_overrides(saved, list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []))
+    here = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    recipe = apply_overrides(saved, [*args.overrides, *here])
     res = stage_quantize(recipe, run)
     if args.overrides:  # the --data-dir of this machine is not the run's
         run.write_json("recipe.json", apply_overrides(saved, args.overrides).to_dict())
     for key, info in res.items():
         c = info["check"]
-        print(f"{key:>13}: {run / 'int8' / info['onnx_file']}  {info['onnx_bytes'] / 1024:.0f} KiB "
-              f"({info['onnx_bytes'] / info['source']['onnx_bytes']:.2f}× fp32), accuracy {c['fp32_accuracy']:.2f}% → "
+        size = info["onnx_bytes"]
+        print(f"{key:>13}: {run / 'int8' / info['onnx_file']}  {size / 1024:.0f} KiB "
+              f"({size / info['source']['onnx_bytes']:.2f}× fp32), accuracy {c['fp32_accuracy']:.2f}% → "
               f"{c['int8_accuracy']:.2f}%, top-1 agreement {c['top1_agreement']:.2%} on {c['images']} test images")
     return 0
 

@@ -178,8 +178,9 @@ def keep_nodes(path: Path, keep: tuple[str, ...]) -> list[str]:
     for k in keep:
         name = {"first": compute[:1], "last": compute[-1:]}.get(k, [k] if k in names else None)
         if not name:
+            more = ", ..." if len(compute) > 6 else ""
             raise QuantizeError(f"quantize.keep_fp32: {k!r} is neither first, last nor a node of the model "
-                                f"(its Conv/Gemm/MatMul nodes: {', '.join(compute[:6])}{', ...' if len(compute) > 6 else ''})")
+                                f"(its Conv/Gemm/MatMul nodes: {', '.join(compute[:6])}{more})")
         out += [n for n in name if n not in out]
     return out
 
