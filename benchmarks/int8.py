@@ -23,7 +23,7 @@ quantized here, and no accuracy.
 
 Run the timing on an idle machine (about 10 minutes on 2 cores)::
 
-    python benchmarks/int8.py models --data-dir DATA --timing
+    python benchmarks/int8.py models --data-dir DATA --timing --use-published
     nice -n 19 python benchmarks/int8.py calibration --data-dir DATA     # accuracy only
     nice -n 19 python benchmarks/int8.py models --data-dir DATA --publish  # the published INT8 files
 """
@@ -149,13 +149,36 @@ def _fp32_info(path: Path) -> dict:
     return json.loads(path.with_suffix(".json").read_text())
 
 
+def evaluate_published(src: Path, data, check: int | None) -> dict:
+    """The published INT8 file of ``src`` (its sidecar checked against its bytes and its fp32
+    source) evaluated beside ``src`` like :func:`quantize` does: the same record, no quantizing."""
+    from resprune.onnx import sha256_file
+    from resprune.quantize import predict, preprocess
+
+    dst = int8_path(src)
+    info = json.loads(dst.with_suffix(".json").read_text())
+    if info["onnx_sha256"] != sha256_file(dst) or info["source"]["sha256"] != sha256_file(src):
+        raise SystemExit(f"{dst}: its sidecar does not match it or its fp32 source; re-run with --publish")
+    _, te = data
+    held = calibration_subset(len(te.labels), check or len(te.labels))
+    x, y = preprocess(te.images[held], info["preprocess"]), te.labels[held]
+    ref, got = predict(src, x).argmax(1), predict(dst, x).argmax(1)
+    info["check"] = {**info["check"], "images": len(y), "top1_agreement": float(np.mean(ref == got)),
+                     "fp32_accuracy": round(100 * float(np.mean(ref == y)), 2),
+                     "int8_accuracy": round(100 * float(np.mean(got == y)), 2)}
+    info["wall_s"] = 0.0
+    return info
+
+
 def accuracy_rows(args: argparse.Namespace, data, work: Path) -> tuple[list[dict], dict[str, Path]]:
-    """Quantize every published model; their accuracy rows and {folder: INT8 path}."""
+    """Quantize (or with ``--use-published`` take) every published model; their accuracy rows
+    and {folder: INT8 path}."""
     rows, paths = [], {}
     for folder in [p for fam in FAMILIES.values() for p in fam if p] + list(EXTRA):
         src = CIFAR / folder / "pruned.onnx"
-        dst = int8_path(src) if args.publish else work / folder / "pruned.int8.onnx"
-        info = quantize(src, dst, data, method=args.method, images=args.images, check=args.check_images)
+        dst = int8_path(src) if args.publish or args.use_published else work / folder / "pruned.int8.onnx"
+        info = (evaluate_published(src, data, args.check_images) if args.use_published else
+                quantize(src, dst, data, method=args.method, images=args.images, check=args.check_images))
         fp = _fp32_info(src)
         rows.append({"folder": folder, "macs": fp["macs_per_sample"], "fp32_bytes": fp["onnx_bytes"],
                      "int8_bytes": info["onnx_bytes"], **_row(info)})
@@ -175,8 +198,8 @@ def accuracy_table(rows: list[dict]) -> list[str]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    lines, facts = header("INT8 on the published CIFAR-10 models",
-                          f"{args.method}, {args.images} calibration images; timing: "
+    made = "the published INT8 files" if args.use_published else f"{args.method}, {args.images} calibration images"
+    lines, facts = header("INT8 on the published CIFAR-10 models", f"{made}; timing: "
                           + (f"{args.runs} runs in {args.blocks} blocks" if args.timing else "not run"))
     data = load_arrays("cifar10", args.data_dir)
     out: dict = {**facts, "method": args.method, "images": args.images}
@@ -211,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     m.add_argument("--images", type=int, default=DEFAULT_IMAGES)
     m.add_argument("--publish", action="store_true", help="write pruned.int8.onnx + sidecar into the published folders")
+    m.add_argument("--use-published", action="store_true",
+                   help="evaluate and time the published pruned.int8.onnx files instead of quantizing again")
     m.add_argument("--check-images", type=int, help="accuracy on a fixed draw of this many test images (a quick check; "
                                                     "default: all)")
     m.add_argument("--timing", action="store_true", help="also time the models (idle machine)")
@@ -229,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "models" and args.publish and args.use_published:
+        raise SystemExit("--publish and --use-published exclude each other")
     if args.command == "models" and args.out is None:
         args.out = RESULTS / ("int8.md" if args.timing else "int8_accuracy.md")
     return args.func(args)

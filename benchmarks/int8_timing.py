@@ -13,6 +13,10 @@ bootstrap interval of each ratio to the reference widened by its noise floor):
   OpenVINO's default on AMX CPUs is bf16, so fp32 is asked for explicitly) and the same INT8
   files (their QDQ nodes become OpenVINO's own int8 kernels).
 
+The cases of one runtime sit next to each other in the list, so a round switches runtime
+once in its middle (never right before the reference): an idle OpenVINO worker thread that
+still spins cannot slow the reference.
+
 It also records which kernels run: the primitive type of every OpenVINO convolution (e.g.
 ``brgconv_avx512_amx_I8``), and whether onnxruntime asked Linux for the AMX tile state
 (``arch_prctl(ARCH_GET_XCOMP_PERM)`` in a fresh process; its MLAS library does so when it

@@ -47,9 +47,8 @@ from .version import __version__
 logger = logging.getLogger(__name__)
 
 __all__ = ["QuantizeError", "quantize_onnx", "read_fp32", "check_images", "keep_nodes", "preprocess",
-           "calibration_subset", "predict",
-           "int8_path", "METHODS", "ACTIVATIONS", "DEFAULT_METHOD", "DEFAULT_IMAGES", "DEFAULT_ACTIVATIONS",
-           "DEFAULT_MIN_AGREEMENT"]
+           "calibration_subset", "predict", "int8_path", "METHODS", "ACTIVATIONS", "DEFAULT_METHOD",
+           "DEFAULT_IMAGES", "DEFAULT_ACTIVATIONS", "DEFAULT_MIN_AGREEMENT"]
 
 METHODS = ("minmax", "percentile", "entropy")
 ACTIVATIONS = ("int8", "uint8")

@@ -476,6 +476,8 @@ def run_summary(run: RunDir) -> list[str]:
             fmt(before.get("macs"), after.get("macs"), "MACs (M)", 1e6),
             fmt(before.get("params"), after.get("params"), "params (M, fused)", 1e6, 3),
             fmt(lat.get("unpruned"), lat.get("pruned"), "latency bs=1 (ms, ORT)", 1.0, 3)]
+    if "pruned_int8" in lat:  # the quantize stage ran: pruned + INT8 against the unpruned fp32 model
+        rows.append(fmt(lat.get("unpruned"), lat["pruned_int8"], "  pruned + INT8 (ms)", 1.0, 3))
     pr = m.get("pruned", {})
     lines = ["", f"resprune run: {run.path}", *(f"  {r[0]:<24}{r[1]:>10}{r[2]:>10}{r[3]:>10}" for r in rows),
              f"  layers removed per stage: {pr.get('removed_per_stage', {})} ({pr.get('removed', 0)} units)"]
