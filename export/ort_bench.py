@@ -283,10 +283,12 @@ def ratio_interval(ref: list[list[float]], t: list[list[float]], floor: float = 
 
 def format_table(result: dict) -> str:
     names = [m["name"] for m in result["models"]]
+    kib = {m["name"]: m["bytes"] / 1024 for m in result["models"]}
     ref = names[0]
     w = max([len(n) for n in names] + [5])
     head = (f"{'model':<{w}} {'batch':>5} {'median ms':>10} {'IQR ms':>15} {'p90 ms':>9} {'min ms':>9} "
-            f"{'samples/s':>10} {'vs ' + ref[:10]:>13} {'noise interval':>16} {'peak MB':>8} {'+MB':>6}")
+            f"{'samples/s':>10} {'vs ' + ref[:10]:>13} {'noise interval':>16} {'peak MB':>8} {'+MB':>6} "
+            f"{'file KiB':>9}")
     lines = [head, "-" * len(head)]
     by = {(r["model"], r["batch"]): r for r in result["results"]}
     for b in result["settings"]["batches"]:
@@ -304,7 +306,7 @@ def format_table(result: dict) -> str:
             delta = f"{r['peak_rss_delta_mb']:.0f}" if r.get("peak_rss_delta_mb") is not None else "-"
             lines.append(
                 f"{n:<{w}} {b:>5} {r['median_ms']:>10.3f} {iqr:>15} {r['p90_ms']:>9.3f} {r['min_ms']:>9.3f} "
-                f"{r['throughput_per_s']:>10.1f} {ratio:>13} {ci:>16} {mem:>8} {delta:>6}"
+                f"{r['throughput_per_s']:>10.1f} {ratio:>13} {ci:>16} {mem:>8} {delta:>6} {kib[n]:>9.0f}"
             )
     d, s = result["device"], result["settings"]
     lines.append("")

@@ -32,6 +32,7 @@ EPILOG = """examples:
   resprune train resnet20_mnist --data-dir DIR --out runs/m   # one stage
   resprune prune runs/m --set prune.target_macs=0.35
   resprune fuse runs/m && resprune export runs/m && resprune bench runs/m && resprune report runs/m
+  resprune quantize runs/m --set quantize.method=entropy     # INT8 models beside the fp32 ones
   resprune train quickstart --engine mgrit --nproc 2          # layer-parallel (torchrun)
   resprune train quickstart --engine pipeline --nproc 2       # exact pipeline parallelism
 """
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "not just their one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run a recipe end to end (train → prune → finetune → fuse → export → bench → report)")
+    p = sub.add_parser("run", help="run a recipe end to end (train → prune → finetune → fuse → export → "
+                                   "[quantize] → bench → report)")
     _add_recipe_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("train", help="sparse training only → RUN_DIR/sparse.pt")
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = ExportConfig()
     _add_export_parser(sub, cfg)
+    _add_quantize_parser(sub)
     _add_bench_parser(sub, cfg)
     _add_report_parser(sub)
 
@@ -126,6 +129,18 @@ def _add_export_parser(sub, cfg) -> None:
     p.add_argument("--rtol", type=float,
                    help=f"onnxruntime check: tolerance relative to the largest |logit| (added to --atol; "
                         f"default {cfg.rtol:g})")
+
+
+def _add_quantize_parser(sub) -> None:
+    from .config import QuantizeConfig
+
+    p = _add_run_dir_parser(sub, cmd_quantize, "INT8 models of onnx/*.onnx → int8/*.int8.onnx (+ .json)",
+                            "run directory with onnx/ (from `resprune export`)", cfg=QuantizeConfig())
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of [quantize] (or [data]), e.g. --set quantize.method=entropy; recorded in "
+                        "recipe.json when the stage succeeds")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the recipe's data set (default: the recipe's data.data_dir, else $RESPRUNE_DATA)")
 
 
 def _add_bench_parser(sub, cfg) -> None:
@@ -344,9 +359,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize RUN_DIR/onnx/unpruned.onnx and RUN_DIR/onnx/pruned.onnx to INT8 with
+    onnxruntime's static quantizer (QDQ, per-channel int8 weights, {cfg.activations}
+    activations calibrated on {cfg.images} training images, method {cfg.method}: the recipe's
+    [quantize] section) → RUN_DIR/int8/unpruned.int8.onnx and RUN_DIR/int8/pruned.int8.onnx,
+    each with a .json sidecar. Each INT8 model must agree with its fp32 model on the top-1
+    class of at least {cfg.min_agreement:.0%} of the test images. A missing or modified fp32
+    file or sidecar, missing calibration data or images of the wrong size are refused before
+    anything is written."""
+    from .config import apply_overrides
+    from .rundir import RunDir
+    from .stages import stage_quantize
+
+    run = RunDir(args.run_dir)
+    saved = run.recipe()
+    here = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    recipe = apply_overrides(saved, [*args.overrides, *here])
+    res = stage_quantize(recipe, run)
+    if args.overrides:  # the --data-dir of this machine is not the run's
+        run.write_json("recipe.json", apply_overrides(saved, args.overrides).to_dict())
+    for key, info in res.items():
+        c = info["check"]
+        size = info["onnx_bytes"]
+        print(f"{key:>13}: {run / 'int8' / info['onnx_file']}  {size / 1024:.0f} KiB "
+              f"({size / info['source']['onnx_bytes']:.2f}× fp32), accuracy {c['fp32_accuracy']:.2f}% → "
+              f"{c['int8_accuracy']:.2f}%, top-1 agreement {c['top1_agreement']:.2%} on {c['images']} test images")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Verify RUN_DIR/onnx/{unpruned,pruned}.onnx against their sidecars, then time them
-    interleaved with export/ort_bench.py (onnxruntime, medians, peak memory) and write
+    """Verify RUN_DIR/onnx/{unpruned,pruned}.onnx (and RUN_DIR/int8/*.int8.onnx where
+    `resprune quantize` wrote them) against their sidecars, then time them interleaved with
+    export/ort_bench.py (onnxruntime, medians, peak memory) and write
     RUN_DIR/bench.json. On a target device run export/ort_bench.py itself (see
     export/README.md)."""
     from .stages import stage_bench

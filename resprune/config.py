@@ -24,10 +24,13 @@ from typing import Any
 from .data import DATASETS, DEFAULT_FLIP, DEFAULT_PAD
 from .errors import ResPruneError
 from .onnx import DEFAULT_ATOL, DEFAULT_RTOL
+from .quantize import (ACTIVATIONS, DEFAULT_ACTIVATIONS, DEFAULT_IMAGES, DEFAULT_METHOD, DEFAULT_MIN_AGREEMENT,
+                       METHODS)
 from .sparsity import DEFAULT_THRESHOLD
 
 __all__ = [
-    "ModelConfig", "DataConfig", "TrainConfig", "PruneStageConfig", "ExportConfig", "ReportConfig", "Recipe",
+    "ModelConfig", "DataConfig", "TrainConfig", "PruneStageConfig", "ExportConfig", "QuantizeConfig", "ReportConfig",
+    "Recipe",
     "RecipeError", "load_recipe", "recipe_from_dict", "apply_overrides", "recipe_dirs", "list_recipes",
     "DEFAULT_THRESHOLD",
 ]
@@ -231,6 +234,47 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class QuantizeConfig:
+    """INT8 models of the exported ONNX files (``resprune quantize``; ``resprune run`` after
+    export when ``enabled``): the one place the quantizer's defaults are defined for runs.
+
+    ``method`` (minmax, percentile, entropy) and ``images`` (training images it calibrates
+    on) default to the measurement in benchmarks/results/int8_calibration.md; ``activations``
+    int8 (S8S8) or uint8 (U8S8); ``keep_fp32`` nodes left in fp32 (``first``, ``last`` or node
+    names); the INT8 model must agree with the fp32 one on the top-1 class of at least
+    ``min_agreement`` of ``check_images`` test images (null: all of them).
+    """
+
+    enabled: bool = False
+    method: str = DEFAULT_METHOD
+    images: int = DEFAULT_IMAGES
+    activations: str = DEFAULT_ACTIVATIONS
+    keep_fp32: tuple = ()
+    check_images: int | None = None
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise RecipeError(f"quantize.enabled must be true or false, got {self.enabled!r}")
+        if self.method not in METHODS:
+            raise RecipeError(f"quantize.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.activations not in ACTIVATIONS:
+            raise RecipeError(f"quantize.activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+        for k in ("images", "check_images"):
+            v = getattr(self, k)
+            if (v is not None or k == "images") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise RecipeError(f"quantize.{k} must be an int >= 1{' or null' if k != 'images' else ''}, got {v!r}"
+                                  + (" (calibration needs training images)" if k == "images" else ""))
+        m = self.min_agreement
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
+            raise RecipeError(f"quantize.min_agreement must be a fraction in (0, 1], got {m!r}")
+        keep = self.keep_fp32
+        if isinstance(keep, str) or not isinstance(keep, (list, tuple)) or not all(isinstance(k, str) for k in keep):
+            raise RecipeError(f"quantize.keep_fp32 must be a list of node names, \"first\" or \"last\", got {keep!r}")
+        object.__setattr__(self, "keep_fp32", tuple(keep))
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """What the report compares the pruned model with.
 
@@ -257,6 +301,7 @@ class Recipe:
     prune: PruneStageConfig = field(default_factory=PruneStageConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0, lr=0.01, l1=0.0))
     export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     engine: str = "serial"
     nproc: int = 1
@@ -271,7 +316,7 @@ class Recipe:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "prune": PruneStageConfig,
-            "finetune": TrainConfig, "export": ExportConfig, "report": ReportConfig}
+            "finetune": TrainConfig, "export": ExportConfig, "quantize": QuantizeConfig, "report": ReportConfig}
 
 
 def _build(cls, values: dict, where: str):
@@ -304,6 +349,8 @@ def recipe_from_dict(d: dict) -> Recipe:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise RecipeError(f"nproc must be an int >= 1, got {nproc!r}")
     _check_engine(kw.get("engine", "serial"), kw.get("engine_options", {}))
+    if "quantize" in kw and kw["quantize"].enabled and not kw.get("export", ExportConfig()).onnx:
+        raise RecipeError("quantize.enabled needs the ONNX export it quantizes (export.onnx = true)")
     recipe = Recipe(**kw)
     _check_teacher(recipe)
     return recipe

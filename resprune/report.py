@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .rundir import METRICS, RunDir, RunDirError
+from .rundir import BENCH_FILES, METRICS, RunDir, RunDirError
 from .util import atomic_write
 from .version import __version__
 
@@ -66,7 +66,7 @@ def _bench(run: RunDir) -> dict:
     the run's (it records their sha256: a bench.json copied back from a device is checked too)."""
     bench = run.need_json("bench.json", "report")
     for m in bench.get("models", []):
-        rel = f"onnx/{m.get('name')}.onnx"
+        rel = BENCH_FILES.get(m.get("name"), f"onnx/{m.get('name')}.onnx")
         if m.get("sha256") and run.sha256(rel) not in (None, m["sha256"]):
             raise RunDirError(f"{run / 'bench.json'} timed another {rel} than the one in the run directory; "
                               f"re-run `resprune bench {run.path}`")
@@ -120,6 +120,25 @@ def _latency(bench: dict) -> dict[str, dict]:
             "within_noise": ra.get("within_noise") if ra and ref_first else None,
         }
     return latency
+
+
+def _precision(run: RunDir, bench: dict) -> list[dict]:
+    """fp32 and INT8 side by side (only where the quantize stage wrote INT8 models): per model
+    its precision, accuracy, agreement with fp32, file size and latency per batch."""
+    if not (run / BENCH_FILES["pruned_int8"]).is_file():
+        return []
+    rows = {(r["model"], r["batch"]): r for r in bench.get("results", [])}
+    out = []
+    for name, rel in BENCH_FILES.items():
+        side = run.need_json(str(Path(rel).with_suffix(".json")), "report")
+        lat = {str(b): {k: r.get(k) for k in ("median_ms", "q25_ms", "q75_ms", "ratio_to_first", "ratio_interval",
+                                             "within_noise")}
+               for (n, b), r in rows.items() if n == name}
+        out.append({"model": name, "precision": side.get("precision", "fp32"), "file": rel,
+                    "bytes": side.get("onnx_bytes"), "test_accuracy": side.get("test_accuracy"),
+                    "top1_agreement": (side.get("check") or {}).get("top1_agreement"),
+                    "quantization": side.get("quantization"), "latency": lat})
+    return out
 
 
 def _recipe(run_dir: Path) -> tuple[dict, str | None]:
@@ -189,7 +208,7 @@ def summarize_run(run_dir: str | os.PathLike, latency: bool = True,
     return {
         "name": run_dir.resolve().name, "run_dir": str(run_dir), "model": model, "before": before, "after": after,
         **_comparisons(before, after, summarize_baseline(baseline, run_dir)),
-        "latency": _latency(bench), "removed": prune.get("removed", []),
+        "latency": _latency(bench), "precision": _precision(run, bench), "removed": prune.get("removed", []),
         "removed_per_stage": prune.get("removed_per_stage", {}), "units_per_stage": dict(units),
         "max_removed_scale": prune.get("max_removed_scale"), "predicted_latency": prune.get("latency"),
         "prune_config": prune.get("config", {}), "scales": scales,
@@ -293,6 +312,32 @@ def _before_after_lines(r: dict) -> list[str]:
     return lines
 
 
+def _precision_lines(r: dict) -> list[str]:
+    """fp32 and INT8 side by side: accuracy, agreement, file size, latency per batch and its
+    ratio to the unpruned fp32 model (with ort_bench's noise interval)."""
+    rows = r.get("precision") or []
+    if not rows:
+        return []
+    q = next(x["quantization"] for x in rows if x["quantization"])
+    bs = sorted({int(b) for x in rows for b in x["latency"]})
+    head = "| model | precision | test accuracy (%) | top-1 agreement with fp32 | file (KiB) | " + " | ".join(
+        f"batch {b}: ms (IQR), × unpruned fp32" for b in bs) + " |"
+    lines = ["", f"fp32 and INT8 (`resprune quantize`: {q['format']}, per-channel int8 weights, {q['activations']} "
+             f"activations, {q['method']} calibration on {q['calibration']['images']} training images):", "", head,
+             "|---|---|---:|---:|---:|" + "---|" * len(bs)]
+    for x in rows:
+        cells = []
+        for b in bs:
+            m = x["latency"].get(str(b))
+            ratio = {"ratio": m["ratio_to_first"], "ratio_interval": m["ratio_interval"],
+                     "within_noise": m["within_noise"]} if m else {"ratio": None}
+            cells.append(f"{_ms(m and m['median_ms'], m and [m['q25_ms'], m['q75_ms']])}, {_ratio(ratio)}")
+        lines.append(f"| {x['model']} | {x['precision']} | {_f(x['test_accuracy'], '.2f')} | "
+                     f"{_f(x['top1_agreement'], '.2%', '–')} | {_f(x['bytes'] and x['bytes'] / 1024, '.0f')} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def _removed_lines(r: dict) -> list[str]:
     """What was removed, by which rule; or what to change when nothing was."""
     per = ", ".join(f"{k}: {v}/{r['units_per_stage'].get(k, '?')}" for k, v in r["removed_per_stage"].items()) or "none"
@@ -336,8 +381,8 @@ def _run_markdown(r: dict, plots: dict[str, str]) -> list[str]:
     lines = [f"## {r['name']}", ""]
     if r["model"]:
         lines.append(f"model: `{r['model']}`  ")
-    lines += (_engine_lines(r) + _device_lines(r) + _baseline_lines(r) + _before_after_lines(r) + _removed_lines(r)
-              + _predicted_lines(r))
+    lines += (_engine_lines(r) + _device_lines(r) + _baseline_lines(r) + _before_after_lines(r)
+              + _precision_lines(r) + _removed_lines(r) + _predicted_lines(r))
     for title, key in (("layer scales", "scales"), ("before/after", "before_after"),
                        ("removed per stage", "removed_per_stage"), ("latency against MACs", "latency_vs_macs")):
         if key in plots:
@@ -431,6 +476,8 @@ def run_summary(run: RunDir) -> list[str]:
             fmt(before.get("macs"), after.get("macs"), "MACs (M)", 1e6),
             fmt(before.get("params"), after.get("params"), "params (M, fused)", 1e6, 3),
             fmt(lat.get("unpruned"), lat.get("pruned"), "latency bs=1 (ms, ORT)", 1.0, 3)]
+    if "pruned_int8" in lat:  # the quantize stage ran: pruned + INT8 against the unpruned fp32 model
+        rows.append(fmt(lat.get("unpruned"), lat["pruned_int8"], "  pruned + INT8 (ms)", 1.0, 3))
     pr = m.get("pruned", {})
     lines = ["", f"resprune run: {run.path}", *(f"  {r[0]:<24}{r[1]:>10}{r[2]:>10}{r[3]:>10}" for r in rows),
              f"  layers removed per stage: {pr.get('removed_per_stage', {})} ({pr.get('removed', 0)} units)"]

@@ -38,22 +38,27 @@ from .util import atomic_write, hardware
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunDir", "RunDirError", "StageError", "STAGES", "OUTPUTS", "producer", "stage_config", "default_out"]
+__all__ = ["RunDir", "RunDirError", "StageError", "STAGES", "OUTPUTS", "BENCH_FILES", "producer", "stage_config",
+           "default_out"]
 
-STAGES = ("train", "prune", "finetune", "fuse", "export", "bench", "report")  # each depends on those before
+STAGES = ("train", "prune", "finetune", "fuse", "export", "quantize", "bench", "report")  # each depends on those before
 OUTPUTS = {  # the results of each stage (recorded with their sha256; moved to stale/ when invalidated)
     "train": ("sparse.pt",),
     "prune": ("pruned.pt", "prune.json"),
     "finetune": ("finetuned.pt",),
     "fuse": ("fused.pt", "fused_unpruned.pt"),
     "export": ("onnx/unpruned.onnx", "onnx/unpruned.json", "onnx/pruned.onnx", "onnx/pruned.json"),
+    "quantize": ("int8/unpruned.int8.onnx", "int8/unpruned.int8.json", "int8/pruned.int8.onnx", "int8/pruned.int8.json"),
     "bench": ("bench.json",),
     "report": ("report.md", "report.json", "plots"),
 }
+#: bench.json's model labels → their files (the INT8 ones only where the quantize stage wrote them)
+BENCH_FILES = {"unpruned": "onnx/unpruned.onnx", "pruned": "onnx/pruned.onnx",
+               "unpruned_int8": "int8/unpruned.int8.onnx", "pruned_int8": "int8/pruned.int8.onnx"}
 RESUME_STATE = {"finetune": ("checkpoints/finetune.pt",)}  # moved along: never resume from an invalid model
 METRICS = {"train": ("sparse",), "prune": ("pruned",), "finetune": ("finetuned",), "fuse": ("fused", "unpruned_fused")}
 CONFIG = {"train": ("model", "data", "train", "engine", "nproc", "engine_options"), "prune": ("prune",),
-          "finetune": ("finetune",)}  # the recipe sections a stage's results depend on
+          "finetune": ("finetune",), "quantize": ("quantize",)}  # the recipe sections a stage's results depend on
 PROVENANCE = "provenance.json"
 
 

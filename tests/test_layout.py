@@ -41,7 +41,8 @@ def _imports(path: Path) -> set[str]:
 
 
 FILES = sorted(PKG.rglob("*.py"))
-CORE = ("layers", "models", "sparsity", "importance", "profile", "prune", "fuse", "onnx", "serialization", "latency")
+CORE = ("layers", "models", "sparsity", "importance", "profile", "prune", "fuse", "onnx", "serialization", "latency",
+        "quantize")
 UPPER = ("resprune.train", "resprune.parallel", "resprune.report", "resprune.cli", "resprune.config",
          "resprune.plots", "resprune.stages", "resprune.rundir")
 

@@ -1,6 +1,6 @@
 """The stages of a run, one function each, one module each (docs/run-dir.md)::
 
-    train → prune → finetune → fuse → export → bench → report
+    train → prune → finetune → fuse → export → quantize → bench → report
 
 Each reads its inputs from a run directory through :meth:`RunDir.need` and writes its
 results inside :meth:`RunDir.writing` (provenance; a re-run stage invalidates the results of
@@ -16,6 +16,7 @@ stage          function                                    writes
 ``finetune``   :func:`stage_finetune` (recipe, run)        ``finetuned.pt``
 ``fuse``       :func:`stage_fuse` (recipe, run)            ``fused.pt``, ``fused_unpruned.pt``
 ``export``     :func:`stage_export` (run, ExportConfig)    ``onnx/*.onnx`` and sidecars
+``quantize``   :func:`stage_quantize` (recipe, run)        ``int8/*.int8.onnx`` and sidecars
 ``bench``      :func:`stage_bench` (run, ExportConfig)     ``bench.json``
 ``report``     :func:`stage_report` (run dirs, out)        ``report.md``, ``report.json``, plots
 =============  ==========================================  ==================================
@@ -31,15 +32,17 @@ from .export import stage_export
 from .finetune import stage_finetune
 from .fuse import stage_fuse
 from .prune import stage_prune
+from .quantize import stage_quantize
 from .report import stage_report
 from .train import stage_train
 
-__all__ = ["stage_train", "stage_prune", "stage_finetune", "stage_fuse", "stage_export", "stage_bench",
-           "stage_report", "run_all"]
+__all__ = ["stage_train", "stage_prune", "stage_finetune", "stage_fuse", "stage_export", "stage_quantize",
+           "stage_bench", "stage_report", "run_all"]
 
 
 def run_all(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=None) -> None:
-    """Every stage in order; export and bench when ``recipe.export`` asks for them. With
+    """Every stage in order; export and bench when ``recipe.export`` asks for them, quantize
+    (after export) when ``recipe.quantize.enabled``. With
     ``resume``, stages whose results are current are not run again. With ``engine_factory``
     (every rank calls this): train and fine-tune layer-parallel, the other stages on rank 0."""
     stage_train(recipe, run, resume=resume, engine_factory=engine_factory)
@@ -59,6 +62,8 @@ def run_all(recipe: Recipe, run: RunDir, resume: bool = False, engine_factory=No
     if recipe.export.onnx:
         if not skip(run, "export", resume):
             stage_export(run, recipe.export)
+        if recipe.quantize.enabled and not skip(run, "quantize", resume, stage_config(recipe, "quantize")):
+            stage_quantize(recipe, run)
         if recipe.export.bench and not skip(run, "bench", resume):
             stage_bench(run, recipe.export)
     stage_report([run.path], run.path, latency=recipe.export.onnx and recipe.export.bench,

@@ -1,5 +1,6 @@
-"""The ``bench`` stage: time ``onnx/unpruned.onnx`` and ``onnx/pruned.onnx`` side by side with
-``export/ort_bench.py`` → ``bench.json`` (docs/run-dir.md, docs/export.md)."""
+"""The ``bench`` stage: time ``onnx/unpruned.onnx`` and ``onnx/pruned.onnx`` (and the INT8
+models of the quantize stage, where it ran) side by side with ``export/ort_bench.py`` →
+``bench.json`` (docs/run-dir.md, docs/export.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..config import ExportConfig
 from ..errors import ResPruneError
 from ..rundir import RunDir, RunDirError
 from .export import ONNX_FILES
+from .quantize import INT8_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def stage_bench(run: RunDir | str | os.PathLike, config: ExportConfig | None = N
     """Verify the run's ONNX files and time them with ``export/ort_bench.py`` → ``bench.json``.
 
     The tool runs in a subprocess with the current Python, labels ``unpruned`` and ``pruned``
-    (the reference of the ratios is ``unpruned``), with ``config.bench_batches``,
+    (the reference of the ratios is ``unpruned``) and, where the quantize stage wrote them,
+    ``unpruned_int8`` and ``pruned_int8``, with ``config.bench_batches``,
     ``bench_runs``, ``bench_warmup`` and ``bench_threads`` (default :class:`ExportConfig`'s;
     threads 0 or None: the physical cores, set explicitly and recorded by the tool). A file
     without its sidecar (``.json``) cannot be checked against what was exported and is refused
@@ -63,13 +66,15 @@ def stage_bench(run: RunDir | str | os.PathLike, config: ExportConfig | None = N
     """
     cfg = config or ExportConfig()
     run = RunDir(run)
-    paths = {k: run.need(rel, "bench") for k, (_, rel) in ONNX_FILES.items()}
+    rels = {k: rel for k, (_, rel) in ONNX_FILES.items()}
+    rels |= {k: rel for k, (_, rel) in INT8_FILES.items() if (run / rel).is_file()}
+    paths = {k: run.need(rel, "bench") for k, rel in rels.items()}
     _verify(paths, allow_unverified)
     # the tool writes its JSON here; it replaces bench.json inside the stage's record (so not
     # util.atomic_write, which would replace it after the record is written)
     tmp = run / f".bench.json.tmp-{os.getpid()}"
-    cmd = [sys.executable, str(find_bench_tool(tool)), str(paths["unpruned"]), str(paths["pruned"]),
-           "--names", "unpruned", "pruned", "--batch", *map(str, cfg.bench_batches), "--runs", str(cfg.bench_runs),
+    cmd = [sys.executable, str(find_bench_tool(tool)), *map(str, paths.values()), "--names", *paths,
+           "--batch", *map(str, cfg.bench_batches), "--runs", str(cfg.bench_runs),
            "--warmup", str(cfg.bench_warmup), "--threads", str(cfg.bench_threads or 0), "--json", str(tmp)]
     cmd += ["--providers", *providers] if providers else []
     cmd += [] if memory else ["--no-memory"]
@@ -81,7 +86,7 @@ def stage_bench(run: RunDir | str | os.PathLike, config: ExportConfig | None = N
             raise BenchError(f"ort_bench.py failed (exit {proc.returncode}): {(proc.stderr or '').strip()}")
         record = {"batches": list(cfg.bench_batches), "runs": cfg.bench_runs, "warmup": cfg.bench_warmup,
                   "threads": cfg.bench_threads or 0, "providers": providers}
-        with run.writing("bench", record, inputs=[rel for _, rel in ONNX_FILES.values()]):
+        with run.writing("bench", record, inputs=list(rels.values())):
             os.replace(tmp, run / "bench.json")
     finally:
         tmp.unlink(missing_ok=True)
