@@ -387,7 +387,7 @@ def _read_onnx(path: Path):
     return proto
 
 
-def _read_sidecar(path: Path, sha256: str) -> dict:
+def read_sidecar(path: Path, sha256: str) -> dict:
     """The sidecar of ``path``, checked to be resprune's and to record the file's ``sha256``."""
     side = sidecar_path(path)
     try:
@@ -466,7 +466,7 @@ def verify_onnx(
                               "sidecar": None, "model_check": None, "functional": False}
     info = None
     if use_sidecar and sidecar_path(path).is_file():
-        info = _read_sidecar(path, result["sha256"])
+        info = read_sidecar(path, result["sha256"])
         result["sidecar"] = _check_fingerprint(path, sess, info, atol)
         result["functional"] = True
     if model is not None:

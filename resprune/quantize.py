@@ -95,7 +95,7 @@ def read_fp32(path: str | os.PathLike) -> dict:
     """The sidecar of the fp32 model at ``path``, after the checks of the module docstring."""
     import onnx
 
-    from .onnx import SIDECAR_FORMAT, sha256_file, sidecar_path
+    from .onnx import OnnxVerificationError, read_sidecar, sha256_file, sidecar_path
 
     path = Path(path)
     side = sidecar_path(path)
@@ -104,15 +104,10 @@ def read_fp32(path: str | os.PathLike) -> dict:
     if not side.is_file():
         raise QuantizeError(f"{path}: its sidecar {side.name} is missing, so the file cannot be checked against "
                             "what was exported; re-export it (resprune export)")
-    try:
-        info = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise QuantizeError(f"{side}: not valid JSON ({exc})") from exc
-    if info.get("format") != SIDECAR_FORMAT:
-        raise QuantizeError(f"{side}: not a resprune ONNX sidecar (format {info.get('format')!r})")
-    if info.get("onnx_sha256") != sha256_file(path):
-        raise QuantizeError(f"{path}: sha256 differs from the one its sidecar {side.name} records: the file was "
-                            "modified or replaced after export; re-export it instead of quantizing it")
+    try:  # resprune's sidecar, recording this file's sha256
+        info = read_sidecar(path, sha256_file(path))
+    except OnnxVerificationError as exc:
+        raise QuantizeError(str(exc)) from exc
     if info.get("precision", "fp32") != "fp32":
         raise QuantizeError(f"{path}: already {info['precision']} (quantize the fp32 model it was made from)")
     if "preprocess" not in info:

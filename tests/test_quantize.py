@@ -203,7 +203,7 @@ BAD = {
     "sidecar missing": (lambda d, t: (d / "onnx" / "pruned.json").unlink() or [], "its sidecar pruned.json is missing"),
     "hash mismatch": (lambda d, t: (d / "onnx" / "pruned.json").write_text(json.dumps(
         {**json.loads((d / "onnx" / "pruned.json").read_text()), "onnx_sha256": "0" * 64})) and [],
-        "sha256 differs from the one its sidecar pruned.json records"),
+        "differs from the one recorded at export in pruned.json"),
     "opset refused": (lambda d, t: _opset_11(d) or [], "opset 11: the INT8 quantizer takes opset 13"),
     "unknown fp32 node": (lambda d, t: ["--set", 'quantize.keep_fp32=["no_such_node"]'],
                           "'no_such_node' is neither first, last nor a node"),
